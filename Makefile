@@ -1,0 +1,45 @@
+# jepa-lightning — every target sets up .venv on first use (Python 3.11, CPU torch first).
+PYTHON ?= python3.11
+TORCH  ?= torch==2.13.0
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help install quickstart test test-full lint format bench clean
+
+help: ## List the targets
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "$(PYTHON) not found: install Python 3.11 or run 'make PYTHON=/path/to/python3.11 ...'"; exit 1; }
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP) ## Create .venv and install torch ($(TORCH)) then the project with dev extras
+
+quickstart: $(STAMP) ## Synthetic cohort -> JEPA pretrain -> finetune (JEPA init vs scratch) -> results table
+	$(PY) -m jepa_lightning.evaluation.quickstart --out runs/quickstart
+
+test: $(STAMP) ## Default test suite (no slow tests)
+	WANDB_MODE=offline $(PY) -m pytest -q
+
+test-full: $(STAMP) ## Every test, the slow ones included
+	WANDB_MODE=offline $(PY) -m pytest -q -m ''
+
+lint: $(STAMP) ## ruff check + format check
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP) ## ruff autofix + format
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+bench: $(STAMP) ## Benchmarks under experiments/benchmarks (prints a table)
+	$(PY) -m experiments.benchmarks.run_all
+
+clean: ## Remove run outputs (never the .venv)
+	rm -rf runs .pytest_cache

@@ -1,0 +1,212 @@
+"""The manifest: one row per scan. Reading, validation and patient-level splitting.
+
+Columns (see README "Bring your own archive"):
+``patient_id``, ``scan_id`` (unique), ``image`` (NIfTI path, relative to the manifest's
+folder or absolute), optional ``label`` (0/1, empty = unlabelled), ``cohort``, ``split``
+(train/val/test; assigned per patient when absent), ``scan_time``, ``roi_x/roi_y/roi_z``
+(mm) and EHR features as ``ehr_*`` columns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+REQUIRED_COLUMNS = ("patient_id", "scan_id", "image")
+SPLITS = ("train", "val", "test")
+EHR_PREFIX = "ehr_"
+
+
+class ManifestError(ValueError):
+    """The manifest (or a row of it) breaks the data contract; the message says how to fix it."""
+
+
+@dataclass
+class RowProblems:
+    """Rows dropped under ``on_bad_sample='skip'``, with the reason for each."""
+
+    reasons: list[str] = field(default_factory=list)
+
+    def add(self, reason: str) -> None:
+        self.reasons.append(reason)
+
+    def summary(self, limit: int = 5) -> str:
+        head = "; ".join(self.reasons[:limit])
+        more = f" (+{len(self.reasons) - limit} more)" if len(self.reasons) > limit else ""
+        return f"{len(self.reasons)} skipped: {head}{more}"
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """Read a Parquet or CSV table; identifiers stay strings (``007`` is not ``7``)."""
+    path = Path(path)
+    if not path.exists():
+        raise ManifestError(
+            f"manifest {path} does not exist: check the path (relative to {Path.cwd()})"
+        )
+    suffix = "".join(path.suffixes[-2:]).lower()
+    try:
+        if suffix.endswith(".parquet") or suffix.endswith(".pq"):
+            df = pd.read_parquet(path)
+        elif suffix.endswith(".csv") or suffix.endswith(".csv.gz"):
+            df = pd.read_csv(path, dtype={"patient_id": str, "scan_id": str, "image": str})
+        else:
+            raise ManifestError(f"manifest {path}: unknown format {suffix!r}; use .parquet or .csv")
+    except ManifestError:
+        raise
+    except Exception as err:  # pyarrow / parser errors: say which file
+        raise ManifestError(f"manifest {path} could not be read: {err}") from err
+    return df
+
+
+def table_columns(path: str | Path) -> list[str]:
+    """Column names without reading the rows (cheap, for sizing a model before setup)."""
+    path = Path(path)
+    if not path.exists():
+        raise ManifestError(
+            f"manifest {path} does not exist: check the path (relative to {Path.cwd()})"
+        )
+    if path.suffix.lower() in (".parquet", ".pq"):
+        import pyarrow.parquet as pq
+
+        return list(pq.read_schema(path).names)
+    return list(pd.read_csv(path, nrows=0).columns)
+
+
+def ehr_columns(columns: list[str], selected: list[str] | None = None) -> list[str]:
+    """The EHR feature columns: ``selected`` if given (each must exist), else every ``ehr_*``."""
+    if selected is None:
+        return [c for c in columns if c.startswith(EHR_PREFIX)]
+    missing = [c for c in selected if c not in columns]
+    if missing:
+        raise ManifestError(f"EHR columns {missing} are not in the manifest (it has {columns})")
+    return list(selected)
+
+
+def _row_name(df: pd.DataFrame, i: int) -> str:
+    return f"row {i} (scan_id={df['scan_id'].iloc[i]!r})"
+
+
+def validate_manifest(
+    df: pd.DataFrame,
+    source: str,
+    ehr_cols: list[str],
+    on_bad_sample: str = "raise",
+    problems: RowProblems | None = None,
+) -> pd.DataFrame:
+    """Check the table against the data contract and return a clean copy.
+
+    Table-level faults (missing columns, duplicate ``scan_id``, a patient in two splits)
+    always raise: no row can be trusted until they are fixed. Row-level faults (a label
+    outside {0, 1}, a non-numeric EHR value, an unknown split name) raise under
+    ``on_bad_sample='raise'``, or drop the row and record why under ``'skip'``.
+    """
+    if on_bad_sample not in ("raise", "skip"):
+        raise ManifestError(f"on_bad_sample must be 'raise' or 'skip', got {on_bad_sample!r}")
+    problems = problems if problems is not None else RowProblems()
+    absent = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if absent:
+        raise ManifestError(
+            f"manifest {source} lacks required column(s) {absent}; it has {list(df.columns)}"
+        )
+    df = df.reset_index(drop=True).copy()
+    for col in ("patient_id", "scan_id", "image"):
+        blank = df[col].isna() | (df[col].astype(str).str.strip() == "")
+        if blank.any():
+            i = int(np.flatnonzero(blank.to_numpy())[0])
+            raise ManifestError(
+                f"manifest {source}: row {i} has an empty {col!r}; every row needs one"
+            )
+        df[col] = df[col].astype(str)
+    dup = df["scan_id"].duplicated(keep=False)
+    if dup.any():
+        rows = np.flatnonzero(dup.to_numpy())[:10].tolist()
+        raise ManifestError(
+            f"manifest {source}: scan_id {df['scan_id'][rows[0]]!r} appears more than once "
+            f"(rows {rows}); scan_id must be unique per scan"
+        )
+
+    bad = np.zeros(len(df), dtype=bool)
+
+    def flag(mask: np.ndarray, describe) -> None:
+        for i in np.flatnonzero(mask & ~bad):
+            reason = f"manifest {source}: {_row_name(df, i)}: {describe(i)}"
+            if on_bad_sample == "raise":
+                raise ManifestError(reason + " (or set on_bad_sample: skip to drop such rows)")
+            problems.add(reason)
+            bad[i] = True
+
+    if "label" in df.columns:
+        raw = df["label"]
+        label = pd.to_numeric(raw, errors="coerce")
+        not_numeric = (label.isna() & raw.notna() & (raw.astype(str).str.strip() != "")).to_numpy()
+        flag(not_numeric, lambda i: f"label {raw.iloc[i]!r} is not a number; use 0, 1 or empty")
+        outside = (label.notna() & ~label.isin([0, 1])).to_numpy()
+        flag(outside, lambda i: f"label {label.iloc[i]!r} is outside {{0, 1}}; use 0, 1 or empty")
+        df["label"] = label.where(label.isin([0, 1])).astype("float32")
+    else:
+        df["label"] = np.float32("nan")
+
+    for col in ehr_cols:
+        raw = df[col]
+        values = pd.to_numeric(raw, errors="coerce")
+        text = raw.astype(str).str.strip()
+        not_numeric = (
+            values.isna() & raw.notna() & (text != "") & (text.str.lower() != "nan")
+        ).to_numpy()
+        flag(not_numeric, lambda i, col=col, raw=raw: f"EHR column {col!r} holds {raw.iloc[i]!r}, "
+             "which is not a number; leave it empty for a missing value")  # fmt: skip
+        infinite = np.isinf(values.to_numpy(dtype="float64", na_value=np.nan))
+        flag(infinite, lambda i, col=col: f"EHR column {col!r} is infinite")
+        df[col] = values.astype("float32")
+
+    if "split" in df.columns:
+        split = df["split"].astype(str).str.strip().str.lower()
+        unknown = (~split.isin(SPLITS)).to_numpy()
+        flag(unknown, lambda i: f"split {df['split'].iloc[i]!r} is not one of {SPLITS}")
+        df["split"] = split
+
+    if "cohort" not in df.columns:
+        df["cohort"] = "all"
+    df["cohort"] = df["cohort"].fillna("all").astype(str)
+
+    df = df[~bad].reset_index(drop=True)
+    if "split" in df.columns:
+        per_patient = df.groupby("patient_id")["split"].nunique()
+        leaking = per_patient[per_patient > 1]
+        if len(leaking):
+            pid = leaking.index[0]
+            splits = sorted(df.loc[df["patient_id"] == pid, "split"].unique())
+            raise ManifestError(
+                f"manifest {source}: patient {pid!r} is in splits {splits} "
+                f"({len(leaking)} such patient(s)); a patient's scans must share one split"
+            )
+    if df.empty:
+        raise ManifestError(f"manifest {source} has no usable row")
+    return df
+
+
+def assign_patient_splits(
+    df: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int
+) -> pd.Series:
+    """A ``split`` per row, drawn per *patient* so no patient straddles two splits."""
+    if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
+        raise ManifestError("val_fraction and test_fraction must be in [0, 1) and sum below 1")
+    patients = np.array(sorted(df["patient_id"].unique()))
+    order = np.random.default_rng(seed).permutation(len(patients))
+    n_test = round(test_fraction * len(patients))
+    n_val = round(val_fraction * len(patients))
+    split_of = {}
+    for rank, idx in enumerate(order):
+        split_of[patients[idx]] = (
+            "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
+        )
+    return df["patient_id"].map(split_of)
+
+
+def resolve_image_paths(df: pd.DataFrame, manifest_path: str | Path) -> pd.Series:
+    """Relative ``image`` paths are relative to the manifest's folder, not the working dir."""
+    base = Path(manifest_path).resolve().parent
+    return df["image"].map(lambda p: str(Path(p) if Path(p).is_absolute() else base / p))
