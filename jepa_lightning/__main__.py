@@ -1,0 +1,3 @@
+from jepa_lightning.main import main
+
+main()

@@ -1,0 +1,100 @@
+"""What every task shares: optimizer groups, a per-step warmup + cosine schedule, LR scaling."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import lightning as L
+import torch
+from torch import nn
+
+from jepa_lightning.schedules import warmup_cosine
+
+log = logging.getLogger(__name__)
+
+# Parameters that are codes rather than weights: decaying them towards 0 only erases them.
+NO_DECAY_NAMES = ("identity", "missing_embed", "modality_embed", "mask_token", "value_bias")
+
+
+def is_no_decay(name: str, param: torch.Tensor) -> bool:
+    """Norms, biases (any 1-D tensor) and embedding codes get no weight decay."""
+    return param.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in NO_DECAY_NAMES
+
+
+def decay_groups(
+    named: Iterable[tuple[str, nn.Parameter]], weight_decay: float, lr_mult: float = 1.0
+) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in named:
+        if p.requires_grad:
+            (no_decay if is_no_decay(name, p) else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay, "lr_mult": lr_mult},
+        {"params": no_decay, "weight_decay": 0.0, "lr_mult": lr_mult},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+class BaseTask(L.LightningModule):
+    """AdamW with decay groups and a warmup + cosine LR updated every optimizer step.
+
+    Args:
+        lr: peak learning rate (per ``base_batch_size`` samples when that is set).
+        weight_decay: AdamW decoupled weight decay on weight matrices only.
+        warmup_fraction: share of all optimizer steps spent in linear warmup.
+        min_lr_ratio: final LR as a fraction of the peak.
+        base_batch_size: when set, the peak LR is ``lr * global_batch / base_batch_size``
+            (global batch = per-device batch x devices x nodes x accumulation).
+    """
+
+    def __init__(
+        self,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        warmup_fraction: float = 0.1,
+        min_lr_ratio: float = 0.01,
+        base_batch_size: int | None = None,
+    ):
+        super().__init__()
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.warmup_fraction = warmup_fraction
+        self.min_lr_ratio = min_lr_ratio
+        self.base_batch_size = base_batch_size
+
+    def param_groups(self) -> list[dict]:
+        """Override to give parts of the model their own LR multiplier."""
+        return decay_groups(self.named_parameters(), self.weight_decay)
+
+    def global_batch_size(self) -> int | None:
+        dm = getattr(self.trainer, "datamodule", None)
+        per_device = getattr(dm, "batch_size", None)
+        if per_device is None:
+            return None
+        t = self.trainer
+        return per_device * t.world_size * t.accumulate_grad_batches
+
+    def peak_lr(self) -> float:
+        if self.base_batch_size is None:
+            return self.lr
+        global_batch = self.global_batch_size()
+        if global_batch is None:
+            raise ValueError("base_batch_size is set but the data module exposes no batch_size")
+        return self.lr * global_batch / self.base_batch_size
+
+    def configure_optimizers(self):
+        groups = self.param_groups()
+        if not groups:
+            raise ValueError("no trainable parameter: unfreeze something or add a head")
+        peak = self.peak_lr()
+        for g in groups:
+            g["lr"] = peak * g.pop("lr_mult", 1.0)
+        optimizer = torch.optim.AdamW(groups, lr=peak, betas=(0.9, 0.95))
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(self.warmup_fraction * total)
+        log.info("optimizer: peak lr %.3g, %d steps (%d warmup)", peak, total, warmup)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, warmup, total, self.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -1,0 +1,254 @@
+"""DiagnosisTask: malignancy from image, EHR or both; from scratch or from a JEPA checkpoint;
+linear probe (frozen backbone) or full finetune."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torchmetrics import MetricCollection, SumMetric
+from torchmetrics.classification import BinaryAUROC, BinaryAveragePrecision
+
+from jepa_lightning.backbones import MultimodalEncoder
+from jepa_lightning.losses import masked_bce_with_logits
+from jepa_lightning.tasks.base import BaseTask, decay_groups
+
+log = logging.getLogger(__name__)
+
+# Hyperparameters that must agree between a pretrained checkpoint and the finetuning model.
+BACKBONE_KEYS = (
+    "image_size",
+    "patch_size",
+    "n_ehr_features",
+    "embed_dim",
+    "depth",
+    "num_heads",
+    "mlp_ratio",
+)
+
+
+class CheckpointMismatchError(ValueError):
+    """A pretrained checkpoint does not fit the model it is loaded into."""
+
+
+def _norm(value: Any) -> Any:
+    if isinstance(value, list | tuple):
+        return [_norm(v) for v in value]
+    return value
+
+
+def load_pretrained_encoder(
+    path: str | Path, expected: dict[str, Any]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """The encoder weights of a checkpoint (EMA target encoder when there is one) and the
+    data module state it was trained with. Refuses, with the differing keys, a checkpoint
+    whose backbone hyperparameters differ from ``expected``."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"init_from checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointMismatchError(
+            f"init_from checkpoint {path} could not be loaded: {err}"
+        ) from err
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointMismatchError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
+    hparams = ckpt.get("hyper_parameters", {})
+    differing = {
+        k: (hparams.get(k), expected[k])
+        for k in BACKBONE_KEYS
+        if k in hparams and _norm(hparams.get(k)) != _norm(expected[k])
+    }
+    if differing:
+        hint = " ".join(f"--model.init_args.{k}={v[0]}" for k, v in differing.items())
+        raise CheckpointMismatchError(
+            f"checkpoint {path} was trained with a different backbone "
+            f"(checkpoint vs this model: {differing}); set {hint}"
+        )
+    sd = ckpt["state_dict"]
+    for prefix in ("target_encoder.", "encoder."):
+        weights = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+        if weights:
+            break
+    else:
+        heads = sorted({k.split(".")[0] for k in sd})
+        raise CheckpointMismatchError(
+            f"checkpoint {path} has no encoder weights (top-level modules: {heads}); "
+            "expected a MultimodalJEPA or DiagnosisTask checkpoint"
+        )
+    dm_state = next((v for v in ckpt.values() if isinstance(v, dict) and "ehr_stats" in v), None)
+    return weights, dm_state
+
+
+class DiagnosisTask(BaseTask):
+    """Binary diagnosis (e.g. nodule malignancy) on the shared multimodal encoder.
+
+    Args:
+        image_size / n_ehr_features: linked from the data module by the CLI.
+        modalities: what the model sees: ``image``, ``ehr`` or ``image+ehr``.
+        init_from: a MultimodalJEPA (or DiagnosisTask) checkpoint; its EMA target encoder
+            initialises the backbone, strictly (any missing/unexpected/mis-shaped weight is
+            an error), and the EHR normalisation it was pretrained with is reused.
+        freeze_backbone: linear probing: the backbone stays frozen and in eval mode.
+        backbone_lr_mult: backbone LR as a fraction of the head's when finetuning.
+        head_dropout: dropout before the linear head.
+        patch_size / embed_dim / depth / num_heads / mlp_ratio: must match ``init_from``.
+    """
+
+    def __init__(
+        self,
+        image_size: int | list[int] = 32,
+        n_ehr_features: int = 32,
+        modalities: Literal["image", "ehr", "image+ehr"] = "image+ehr",
+        init_from: str | None = None,
+        freeze_backbone: bool = False,
+        backbone_lr_mult: float = 1.0,
+        head_dropout: float = 0.0,
+        patch_size: int | list[int] = 8,
+        embed_dim: int = 96,
+        depth: int = 4,
+        num_heads: int = 4,
+        mlp_ratio: float = 4.0,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        warmup_fraction: float = 0.1,
+        min_lr_ratio: float = 0.01,
+        base_batch_size: int | None = None,
+    ):
+        super().__init__(lr, weight_decay, warmup_fraction, min_lr_ratio, base_batch_size)
+        if modalities not in ("image", "ehr", "image+ehr"):
+            raise ValueError(f"modalities must be image, ehr or image+ehr, got {modalities!r}")
+        self.save_hyperparameters()
+        self.encoder = MultimodalEncoder(
+            image_size, patch_size, n_ehr_features, embed_dim, depth, num_heads, mlp_ratio
+        )
+        self.pretrained_data_state: dict[str, Any] | None = None
+        if init_from:
+            weights, self.pretrained_data_state = load_pretrained_encoder(
+                init_from, {k: self.hparams[k] for k in BACKBONE_KEYS}
+            )
+            result = self.encoder.load_state_dict(weights, strict=False)
+            if result.missing_keys or result.unexpected_keys:
+                raise CheckpointMismatchError(
+                    f"checkpoint {init_from} does not fit the encoder: missing {result.missing_keys[:8]}, "
+                    f"unexpected {result.unexpected_keys[:8]}"
+                )
+            log.info("backbone initialised from %s", init_from)
+        if freeze_backbone:
+            self.encoder.requires_grad_(False)
+        self.head = nn.Sequential(
+            nn.LayerNorm(embed_dim), nn.Dropout(head_dropout), nn.Linear(embed_dim, 1)
+        )
+        metrics = MetricCollection({"auroc": BinaryAUROC(), "auprc": BinaryAveragePrecision()})
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = nn.ModuleDict()  # per cohort, filled at setup from the data module
+        self.test_counts = nn.ModuleDict()
+
+    @property
+    def uses_image(self) -> bool:
+        return "image" in self.hparams.modalities
+
+    @property
+    def uses_ehr(self) -> bool:
+        return "ehr" in self.hparams.modalities
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if self.pretrained_data_state is not None and hasattr(dm, "load_state_dict"):
+            dm.load_state_dict(self.pretrained_data_state)  # EHR coded as in pretraining
+        if stage in ("test", "fit") and not len(self.test_metrics):
+            cohorts = getattr(dm, "cohorts", None) or ["all"]
+            for c in cohorts:
+                self.test_metrics[c] = MetricCollection(
+                    {"auroc": BinaryAUROC(), "auprc": BinaryAveragePrecision()}
+                )
+                self.test_counts[c] = SumMetric()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.hparams.freeze_backbone:
+            self.encoder.eval()
+        return self
+
+    def param_groups(self) -> list[dict]:
+        groups = decay_groups(self.head.named_parameters(), self.weight_decay)
+        if not self.hparams.freeze_backbone:
+            groups += decay_groups(
+                self.encoder.named_parameters(), self.weight_decay, self.hparams.backbone_lr_mult
+            )
+        return groups
+
+    def features(self, batch: dict) -> torch.Tensor:
+        """Mean-pooled encoder tokens of the modalities this model uses, ``[B, C]``."""
+        tokens = self.encoder(
+            batch["image"] if self.uses_image else None,
+            batch["ehr"] if self.uses_ehr else None,
+            batch["ehr_missing"] if self.uses_ehr else None,
+        )
+        return tokens.mean(1)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.head(self.features(batch)).squeeze(-1)
+
+    def training_step(self, batch: dict, batch_idx: int):
+        if not batch:
+            return None
+        loss = masked_bce_with_logits(self(batch), batch["label"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["label"]))
+        return loss
+
+    def _labelled(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = self(batch)
+        mask = ~torch.isnan(batch["label"])
+        return logits, mask, batch["label"]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        if not batch:
+            return
+        logits, mask, label = self._labelled(batch)
+        if mask.any():
+            loss = masked_bce_with_logits(logits, label)
+            self.log("val/loss", loss, prog_bar=True, batch_size=int(mask.sum()), sync_dist=True)
+            self.val_metrics.update(torch.sigmoid(logits[mask]), label[mask].long())
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_metrics["auroc"].update_count:
+            self.log_dict(self.val_metrics.compute(), prog_bar=True)
+        self.val_metrics.reset()
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        if not batch:
+            return
+        logits, mask, label = self._labelled(batch)
+        prob = torch.sigmoid(logits)
+        for cohort in set(batch["cohort"]):
+            if cohort not in self.test_metrics:
+                raise KeyError(
+                    f"test batch has cohort {cohort!r}, unknown at setup ({list(self.test_metrics)})"
+                )
+            sel = mask & torch.tensor([c == cohort for c in batch["cohort"]], device=mask.device)
+            if sel.any():
+                self.test_metrics[cohort].update(prob[sel], label[sel].long())
+                self.test_counts[cohort].update(sel.sum())
+
+    def on_test_epoch_end(self) -> None:
+        for cohort, metrics in self.test_metrics.items():
+            if metrics["auroc"].update_count:
+                for name, value in metrics.compute().items():
+                    self.log(f"test/{cohort}/{name}", value)
+                self.log(f"test/{cohort}/n_scans", self.test_counts[cohort].compute())
+            metrics.reset()
+            self.test_counts[cohort].reset()
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict[str, Any]:
+        return {
+            "scan_id": batch["scan_id"],
+            "patient_id": batch["patient_id"],
+            "cohort": batch["cohort"],
+            "label": batch["label"],
+            "prob": torch.sigmoid(self(batch)),
+        }
