@@ -51,3 +51,16 @@ def masked_bce_with_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.
     if not labelled.any():
         return logits.sum() * 0.0
     return F.binary_cross_entropy_with_logits(logits[labelled].float(), labels[labelled].float())
+
+
+def variance_hinge(z: torch.Tensor, target_std: float = 1.0, eps: float = 1e-4) -> torch.Tensor:
+    """VICReg's variance term on ``z [B, C]``: mean over channels of ``relu(target - std)``.
+
+    Applied to per-sample pooled context embeddings it penalises a batch whose samples all
+    look alike, the failure where tokens carry only their position and the latent loss is
+    trivially small. Needs ``B >= 2``; returns 0 otherwise.
+    """
+    if z.shape[0] < 2:
+        return z.sum() * 0.0
+    std = torch.sqrt(z.float().var(dim=0) + eps)
+    return F.relu(target_std - std).mean()

@@ -14,7 +14,14 @@ from jepa_lightning.schedules import warmup_cosine
 log = logging.getLogger(__name__)
 
 # Parameters that are codes rather than weights: decaying them towards 0 only erases them.
-NO_DECAY_NAMES = ("identity", "missing_embed", "modality_embed", "mask_token", "value_bias")
+NO_DECAY_NAMES = (
+    "identity",
+    "ehr_identity",
+    "missing_embed",
+    "modality_embed",
+    "mask_token",
+    "value_bias",
+)
 
 
 def is_no_decay(name: str, param: torch.Tensor) -> bool:

@@ -126,20 +126,9 @@ class DiagnosisTask(BaseTask):
         self.encoder = MultimodalEncoder(
             image_size, patch_size, n_ehr_features, embed_dim, depth, num_heads, mlp_ratio
         )
-        self.pretrained_data_state: dict[str, Any] | None = None
-        if init_from:
-            weights, self.pretrained_data_state = load_pretrained_encoder(
-                init_from, {k: self.hparams[k] for k in BACKBONE_KEYS}
-            )
-            result = self.encoder.load_state_dict(weights, strict=False)
-            if result.missing_keys or result.unexpected_keys:
-                raise CheckpointMismatchError(
-                    f"checkpoint {init_from} does not fit the encoder: missing {result.missing_keys[:8]}, "
-                    f"unexpected {result.unexpected_keys[:8]}"
-                )
-            log.info("backbone initialised from %s", init_from)
+        self._initialised_from: str | None = None
         if freeze_backbone:
-            self.encoder.requires_grad_(False)
+            self.encoder.requires_grad_(False).eval()
         self.head = nn.Sequential(
             nn.LayerNorm(embed_dim), nn.Dropout(head_dropout), nn.Linear(embed_dim, 1)
         )
@@ -156,10 +145,31 @@ class DiagnosisTask(BaseTask):
     def uses_ehr(self) -> bool:
         return "ehr" in self.hparams.modalities
 
+    def initialise_from_checkpoint(self, path: str) -> dict[str, Any] | None:
+        """Load the pretrained encoder strictly; return the data state it was trained with."""
+        weights, data_state = load_pretrained_encoder(
+            path, {k: self.hparams[k] for k in BACKBONE_KEYS}
+        )
+        result = self.encoder.load_state_dict(weights, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise CheckpointMismatchError(
+                f"checkpoint {path} does not fit the encoder: missing {result.missing_keys[:8]}, "
+                f"unexpected {result.unexpected_keys[:8]}"
+            )
+        self._initialised_from = path
+        log.info("backbone initialised from %s", path)
+        return data_state
+
     def setup(self, stage: str) -> None:
+        # Loaded here rather than in __init__ so a bad checkpoint surfaces as its own error
+        # (the CLI would wrap an __init__ error in a type-validation message). A resumed
+        # run (--ckpt_path) restores its own weights after this, as it should.
+        init_from = self.hparams.init_from
         dm = getattr(self.trainer, "datamodule", None)
-        if self.pretrained_data_state is not None and hasattr(dm, "load_state_dict"):
-            dm.load_state_dict(self.pretrained_data_state)  # EHR coded as in pretraining
+        if stage == "fit" and init_from and self._initialised_from != init_from:
+            data_state = self.initialise_from_checkpoint(init_from)
+            if data_state is not None and hasattr(dm, "load_state_dict"):
+                dm.load_state_dict(data_state)  # EHR coded as in pretraining
         if stage in ("test", "fit") and not len(self.test_metrics):
             cohorts = getattr(dm, "cohorts", None) or ["all"]
             for c in cohorts:

@@ -12,7 +12,12 @@ from torchmetrics.classification import BinaryAUROC
 from jepa_lightning.backbones import JEPAPredictor, MultimodalEncoder
 from jepa_lightning.backbones.vit3d import gather_tokens
 from jepa_lightning.collapse import effective_rank, mean_feature_std
-from jepa_lightning.losses import latent_regression_loss, layer_norm_targets, masked_bce_with_logits
+from jepa_lightning.losses import (
+    latent_regression_loss,
+    layer_norm_targets,
+    masked_bce_with_logits,
+    variance_hinge,
+)
 from jepa_lightning.masking import JEPAMaskCollator
 from jepa_lightning.schedules import ema_momentum, ema_update_
 from jepa_lightning.tasks.base import BaseTask
@@ -36,6 +41,9 @@ class MultimodalJEPA(BaseTask):
             the image (EHR -> image) from the context.
         ema_momentum_start / ema_momentum_end: EMA momentum, linear over optimizer steps.
         ehr_loss_weight: weight of the EHR-target loss next to the image-target loss.
+        variance_weight: weight of a VICReg variance hinge on the per-sample pooled context
+            embeddings (0 = pure JEPA). Small cohorts can collapse to position-only tokens
+            (watch ``val/feature_std``); this term keeps samples apart.
         loss: ``smooth_l1`` | ``l1`` | ``l2`` on layer-normed targets, in fp32.
         grad_checkpointing: trade compute for activation memory in the encoders.
     """
@@ -63,6 +71,7 @@ class MultimodalJEPA(BaseTask):
         ema_momentum_start: float = 0.996,
         ema_momentum_end: float = 1.0,
         ehr_loss_weight: float = 1.0,
+        variance_weight: float = 0.0,
         loss: str = "smooth_l1",
         grad_checkpointing: bool = False,
         lr: float = 1.5e-3,
@@ -159,6 +168,9 @@ class MultimodalJEPA(BaseTask):
                 pred_ehr, tgt_ehr, observed, kind=self.hparams.loss
             )
             loss = loss + self.hparams.ehr_loss_weight * out["loss_ehr"]
+        if self.hparams.variance_weight > 0:
+            out["loss_variance"] = variance_hinge(context.mean(1))
+            loss = loss + self.hparams.variance_weight * out["loss_variance"]
         out["loss"] = loss
         out["pooled"] = pooled.detach()
         return out
@@ -171,8 +183,9 @@ class MultimodalJEPA(BaseTask):
         bs = len(batch["image"])
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=bs)
         self.log("train/loss_image", out["loss_image"], batch_size=bs)
-        if "loss_ehr" in out:
-            self.log("train/loss_ehr", out["loss_ehr"], batch_size=bs)
+        for extra in ("loss_ehr", "loss_variance"):
+            if extra in out:
+                self.log(f"train/{extra}", out[extra], batch_size=bs)
         self.log("train/probe_loss", probe_loss, batch_size=bs)
         self.log("train/ema_momentum", self.current_momentum(), batch_size=bs)
         return out["loss"] + probe_loss
@@ -183,6 +196,9 @@ class MultimodalJEPA(BaseTask):
         return ema_momentum(
             self.trainer.global_step, total, h.ema_momentum_start, h.ema_momentum_end
         )
+
+    def on_train_start(self) -> None:
+        self._last_ema_step = self.trainer.global_step  # also right after a resume
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         # Once per real optimizer step: with gradient accumulation global_step only moves

@@ -1,0 +1,1 @@
+"""Evaluation: result tables and the runners that produce them."""

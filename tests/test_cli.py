@@ -1,0 +1,207 @@
+"""The real CLI, driven through ``main([...])`` on a tiny generated cohort."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from jepa_lightning.main import main
+from jepa_lightning.tasks import jepa as jepa_module
+from jepa_lightning.tasks.diagnosis import CheckpointMismatchError
+from tests.conftest import tiny_data_args
+
+CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "quickstart"
+PRETRAIN, FINETUNE = str(CONFIGS / "pretrain.yaml"), str(CONFIGS / "finetune.yaml")
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+def _fit(config: str, run_dir: Path, cohort: Path, *extra: str):
+    return main(
+        [
+            "fit", "--config", config,
+            f"--trainer.default_root_dir={run_dir}",
+            f"--trainer.logger.init_args.save_dir={run_dir}",
+            *tiny_data_args(cohort), *QUIET, *extra,
+        ]
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pretrained(tiny_cohort, tmp_path_factory) -> Path:
+    """A JEPA checkpoint from two short epochs on the tiny cohort."""
+    run = tmp_path_factory.mktemp("pretrain")
+    cli = _fit(
+        PRETRAIN, run, tiny_cohort, "--trainer.max_epochs=2", "--trainer.check_val_every_n_epoch=1"
+    )
+    metrics = cli.trainer.callback_metrics
+    for key in (
+        "train/loss",
+        "train/loss_image",
+        "train/loss_ehr",
+        "val/loss",
+        "val/effective_rank",
+    ):
+        assert key in metrics and torch.isfinite(metrics[key]), key
+    return run
+
+
+def test_help_and_version(capsys):
+    for argv in (["--help"], ["fit", "--help"], ["--version"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 0
+    assert "jepa-lightning" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "config, model", [(PRETRAIN, "MultimodalJEPA"), (FINETUNE, "DiagnosisTask")]
+)
+def test_print_config_resolves_short_names(config, model, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", config, "--print_config"])
+    assert exit_.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["class_path"].endswith(model)
+    assert printed["data"]["class_path"].endswith("SyntheticCohortDataModule")
+    assert printed["checkpoint"]["save_last"] is True
+    assert printed["seed_everything"] == 0
+
+
+def test_bad_config_key_is_named(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", PRETRAIN, "--model.init_args.embed_dimm=3", "--print_config"])
+    assert exit_.value.code != 0
+    assert "embed_dimm" in capsys.readouterr().err
+
+
+def test_fast_dev_run_pretrain(tiny_cohort, tmp_path):
+    cli = _fit(PRETRAIN, tmp_path, tiny_cohort, "--trainer.fast_dev_run=true")
+    assert cli.trainer.global_step == 1
+    # linked from the data module: the model was sized by the data, not by hand
+    assert cli.model.hparams.n_ehr_features == 12 and cli.model.hparams.image_size == [32, 32, 32]
+
+
+def test_pretrain_saves_config_and_last_checkpoint(pretrained):
+    assert (pretrained / "checkpoints" / "last.ckpt").exists()
+    (config,) = pretrained.glob("logs/version_*/config.yaml")
+    assert yaml.safe_load(config.read_text())["model"]["class_path"].endswith("MultimodalJEPA")
+    ckpt = torch.load(
+        pretrained / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
+    )
+    stats = next(v for v in ckpt.values() if isinstance(v, dict) and "ehr_stats" in v)["ehr_stats"]
+    assert len(stats["mean"]) == 12  # EHR normalisation travels with the checkpoint
+
+
+def test_finetune_from_jepa_loads_the_target_encoder_and_tests_per_cohort(
+    pretrained, tiny_cohort, tmp_path
+):
+    ckpt = pretrained / "checkpoints" / "last.ckpt"
+    cli = _fit(
+        FINETUNE,
+        tmp_path,
+        tiny_cohort,
+        "--trainer.max_epochs=1",
+        f"--model.init_args.init_from={ckpt}",
+    )
+    sd = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    # The finetuned encoder started from the EMA target: a weight the head never touches
+    # (frozen pos-embed is a buffer; use the EHR missing embedding, trained only by JEPA)
+    # must differ from a fresh model's and equal the target encoder's before finetuning.
+    fresh = _fit(FINETUNE, tmp_path / "fresh", tiny_cohort, "--trainer.fast_dev_run=true")
+    assert not torch.equal(
+        fresh.model.encoder.ehr.missing_embed, sd["target_encoder.ehr.missing_embed"]
+    )
+    (metrics,) = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="last")
+    for cohort in ("internal", "external"):
+        assert 0.0 <= metrics[f"test/{cohort}/auroc"] <= 1.0
+        assert metrics[f"test/{cohort}/n_scans"] > 0
+    n_test = int((cli.datamodule.split_table["split"] == "test").sum())
+    assert metrics["test/internal/n_scans"] + metrics["test/external/n_scans"] == n_test
+    predictions = cli.trainer.predict(cli.model, datamodule=cli.datamodule)
+    probs = torch.cat([p["prob"] for p in predictions])
+    assert len(probs) == n_test and ((probs >= 0) & (probs <= 1)).all()
+    assert sum(len(p["scan_id"]) for p in predictions) == n_test
+
+
+def test_init_from_loads_weights_exactly(pretrained, tiny_cohort, tmp_path):
+    ckpt = pretrained / "checkpoints" / "last.ckpt"
+    cli = main(
+        ["fit", "--config", FINETUNE, f"--model.init_args.init_from={ckpt}", "--print_config"][:-1]
+        + [*tiny_data_args(tiny_cohort), *QUIET, "--trainer.max_epochs=0", f"--trainer.default_root_dir={tmp_path}",
+           f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    )  # fmt: skip
+    sd = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    for name, value in cli.model.encoder.state_dict().items():
+        assert torch.equal(value, sd[f"target_encoder.{name}"]), name
+
+
+def test_init_from_mismatched_backbone_fails_loudly(pretrained, tiny_cohort, tmp_path):
+    ckpt = pretrained / "checkpoints" / "last.ckpt"
+    with pytest.raises(CheckpointMismatchError, match=r"embed_dim.*--model.init_args.embed_dim=96"):
+        _fit(FINETUNE, tmp_path, tiny_cohort, f"--model.init_args.init_from={ckpt}",
+             "--model.init_args.embed_dim=48", "--trainer.fast_dev_run=true")  # fmt: skip
+
+
+def test_init_from_missing_or_foreign_checkpoint(tiny_cohort, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        _fit(
+            FINETUNE, tmp_path, tiny_cohort, f"--model.init_args.init_from={tmp_path / 'nope.ckpt'}"
+        )
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save(
+        {"state_dict": {"resnet.conv1.weight": torch.zeros(1)}, "hyper_parameters": {}}, foreign
+    )
+    with pytest.raises(CheckpointMismatchError, match="no encoder weights.*resnet"):
+        _fit(FINETUNE, tmp_path, tiny_cohort, f"--model.init_args.init_from={foreign}")
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes((tiny_cohort / "manifest.parquet").read_bytes()[:100])
+    with pytest.raises(CheckpointMismatchError, match="could not be loaded"):
+        _fit(FINETUNE, tmp_path, tiny_cohort, f"--model.init_args.init_from={truncated}")
+
+
+def test_linear_probe_keeps_backbone_frozen(pretrained, tiny_cohort, tmp_path):
+    ckpt = pretrained / "checkpoints" / "last.ckpt"
+    cli = _fit(FINETUNE, tmp_path, tiny_cohort, "--trainer.max_epochs=1", f"--model.init_args.init_from={ckpt}",
+               "--model.init_args.freeze_backbone=true")  # fmt: skip
+    sd = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    for name, value in cli.model.encoder.state_dict().items():
+        assert torch.equal(value, sd[f"target_encoder.{name}"]), name
+    assert not cli.model.encoder.training
+
+
+@pytest.mark.parametrize("modalities", ["image", "ehr"])
+def test_single_modality_finetune(tiny_cohort, tmp_path, modalities):
+    cli = _fit(FINETUNE, tmp_path, tiny_cohort, "--trainer.fast_dev_run=true",
+               f"--model.init_args.modalities={modalities}")  # fmt: skip
+    assert cli.trainer.global_step == 1
+
+
+def test_ema_updates_once_per_optimizer_step_with_accumulation(tiny_cohort, tmp_path, monkeypatch):
+    calls = []
+    real = jepa_module.ema_update_
+    monkeypatch.setattr(
+        jepa_module, "ema_update_", lambda t, o, m: (calls.append(m), real(t, o, m))
+    )
+    cli = _fit(PRETRAIN, tmp_path, tiny_cohort, "--trainer.max_epochs=1", "--trainer.limit_train_batches=4",
+               "--trainer.accumulate_grad_batches=2", "--trainer.limit_val_batches=0")  # fmt: skip
+    assert cli.trainer.global_step == 2
+    assert len(calls) == 2
+    assert calls[0] < calls[1] <= 1.0  # momentum schedule rises with the optimizer step
+
+
+def test_quickstart_runner_writes_the_table(tiny_cohort, tmp_path):
+    from jepa_lightning.evaluation.quickstart import main as quickstart
+
+    table = quickstart(
+        ["--out", str(tmp_path), *tiny_data_args(tiny_cohort), *QUIET,
+         "--trainer.max_epochs=1", "--trainer.check_val_every_n_epoch=1"]
+    )  # fmt: skip
+    assert list(table["method"]) == ["JEPA-pretrained", "JEPA-pretrained", "scratch", "scratch"]
+    assert list(table["cohort"]) == ["external", "internal"] * 2
+    assert table["AUROC"].between(0, 1).all() and (table["n_scans"] > 0).all()
+    text = (tmp_path / "results.md").read_text()
+    assert "| JEPA-pretrained | internal |" in text and "Wall time" in text
+    assert (tmp_path / "finetune_jepa" / "checkpoints" / "last.ckpt").exists()
