@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP) ## Create .venv and install torch ($(TORCH)) then the project with dev extras
 
 quickstart: $(STAMP) ## Synthetic cohort -> JEPA pretrain -> finetune (JEPA init vs scratch) -> results table
-	$(PY) -m jepa_lightning.evaluation.quickstart --out runs/quickstart
+	$(PY) -m jepa_lightning.evaluation.quickstart --out runs/quickstart --seeds 0 1 2
 
 test: $(STAMP) ## Default test suite (no slow tests)
 	WANDB_MODE=offline $(PY) -m pytest -q

@@ -197,11 +197,13 @@ def test_quickstart_runner_writes_the_table(tiny_cohort, tmp_path):
 
     table = quickstart(
         ["--out", str(tmp_path), *tiny_data_args(tiny_cohort), *QUIET,
-         "--trainer.max_epochs=1", "--trainer.check_val_every_n_epoch=1"]
+         "--trainer.max_epochs=1", "--trainer.check_val_every_n_epoch=1", "--seeds", "0", "1"]
     )  # fmt: skip
     assert list(table["method"]) == ["JEPA-pretrained", "JEPA-pretrained", "scratch", "scratch"]
     assert list(table["cohort"]) == ["external", "internal"] * 2
     assert table["AUROC"].between(0, 1).all() and (table["n_scans"] > 0).all()
+    assert (table["seeds"] == 2).all() and table["AUROC_sd"].notna().all()
     text = (tmp_path / "results.md").read_text()
     assert "| JEPA-pretrained | internal |" in text and "Wall time" in text
-    assert (tmp_path / "finetune_jepa" / "checkpoints" / "last.ckpt").exists()
+    for seed in (0, 1):
+        assert (tmp_path / "finetune_jepa" / f"seed{seed}" / "checkpoints" / "last.ckpt").exists()

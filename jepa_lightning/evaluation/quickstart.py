@@ -40,17 +40,23 @@ def finetune_and_test(config: Path, run_dir: Path, extra: list[str]) -> dict[str
     return metrics
 
 
-def results_table(results: dict[str, dict[str, float]], cohorts: list[str]) -> pd.DataFrame:
+def results_table(results: dict[str, list[dict[str, float]]], cohorts: list[str]) -> pd.DataFrame:
+    """One row per (method, cohort); AUROC/AUPRC as mean and sd over finetuning seeds."""
     rows = []
-    for method, metrics in results.items():
+    for method, per_seed in results.items():
         for cohort in cohorts:
+            auroc = pd.Series([m.get(f"test/{cohort}/auroc", float("nan")) for m in per_seed])
+            auprc = pd.Series([m.get(f"test/{cohort}/auprc", float("nan")) for m in per_seed])
             rows.append(
                 {
                     "method": method,
                     "cohort": cohort,
-                    "n_scans": int(metrics.get(f"test/{cohort}/n_scans", 0)),
-                    "AUROC": metrics.get(f"test/{cohort}/auroc", float("nan")),
-                    "AUPRC": metrics.get(f"test/{cohort}/auprc", float("nan")),
+                    "n_scans": int(per_seed[0].get(f"test/{cohort}/n_scans", 0)),
+                    "seeds": len(per_seed),
+                    "AUROC": auroc.mean(),
+                    "AUROC_sd": auroc.std() if len(per_seed) > 1 else float("nan"),
+                    "AUPRC": auprc.mean(),
+                    "AUPRC_sd": auprc.std() if len(per_seed) > 1 else float("nan"),
                 }
             )
     return pd.DataFrame(rows)
@@ -62,11 +68,14 @@ def run_quickstart(
     pretrain_extra: list[str] | None = None,
     finetune_extra: list[str] | None = None,
     config_dir: str | Path = CONFIG_DIR,
+    seeds: tuple[int, ...] = (0,),
 ) -> pd.DataFrame:
     """Run the three stages into ``out/<stage>`` and return the results table.
 
     The stage folders are this runner's own output and are replaced on every run; the
-    cohort (``data.init_args.root``) is reused when its settings match.
+    cohort (``data.init_args.root``) is reused when its settings match. Each finetuning is
+    repeated for every seed in ``seeds`` (head initialisation and data order), and the
+    table reports the mean and sd over them.
     """
     out, config_dir = Path(out), Path(config_dir)
     extra, pretrain_extra, finetune_extra = extra or [], pretrain_extra or [], finetune_extra or []
@@ -77,31 +86,50 @@ def run_quickstart(
     timings = {}
     t0 = time.perf_counter()
     print("[quickstart] 1/3 JEPA pretraining")
-    cli_main(_run_args(config_dir / "pretrain.yaml", out / "pretrain", extra + pretrain_extra))
+    pretrain = cli_main(
+        _run_args(config_dir / "pretrain.yaml", out / "pretrain", extra + pretrain_extra)
+    )
     timings["pretrain"] = time.perf_counter() - t0
-    ckpt = out / "pretrain" / "checkpoints" / "last.ckpt"
-    results = {}
-    t0 = time.perf_counter()
-    print("[quickstart] 2/3 finetuning from the JEPA checkpoint")
-    results["JEPA-pretrained"] = finetune_and_test(
-        config_dir / "finetune.yaml",
-        out / "finetune_jepa",
-        [*extra, *finetune_extra, f"--model.init_args.init_from={ckpt}"],
-    )
-    timings["finetune_jepa"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    print("[quickstart] 3/3 finetuning from scratch")
-    results["scratch"] = finetune_and_test(
-        config_dir / "finetune.yaml", out / "finetune_scratch", [*extra, *finetune_extra]
-    )
-    timings["finetune_scratch"] = time.perf_counter() - t0
+    # The pretraining config's ModelCheckpoint decides: its best (by its monitor, the online
+    # probe on validation scans) when it has one, else the last epoch.
+    best = pretrain.trainer.checkpoint_callback.best_model_path
+    ckpt = Path(best) if best else out / "pretrain" / "checkpoints" / "last.ckpt"
+    print(f"[quickstart] finetuning from {ckpt}")
+    methods = {
+        "JEPA-pretrained": ("finetune_jepa", [f"--model.init_args.init_from={ckpt}"]),
+        "scratch": ("finetune_scratch", []),
+    }
+    results: dict[str, list[dict[str, float]]] = {}
+    for i, (method, (stage, args)) in enumerate(methods.items(), start=2):
+        t0 = time.perf_counter()
+        results[method] = []
+        for seed in seeds:
+            print(f"[quickstart] {i}/3 finetuning: {method}, seed {seed}")
+            run_dir = out / stage if len(seeds) == 1 else out / stage / f"seed{seed}"
+            results[method].append(
+                finetune_and_test(
+                    config_dir / "finetune.yaml",
+                    run_dir,
+                    [*extra, *finetune_extra, *args, f"--seed_everything={seed}"],
+                )
+            )
+        timings[stage] = time.perf_counter() - t0
     cohorts = sorted(
-        {k.split("/")[1] for m in results.values() for k in m if k.startswith("test/")}
+        {
+            k.split("/")[1]
+            for runs in results.values()
+            for m in runs
+            for k in m
+            if k.startswith("test/")
+        }
     )
     table = results_table(results, cohorts)
     text = markdown_table(table)
     times = ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
-    report = f"# Quickstart results\n\nTest split, best-validation-AUROC checkpoint.\n\n{text}\n\nWall time: {times}.\n"
+    report = (
+        "# Quickstart results\n\nTest split, best-validation-AUROC checkpoint; mean and sd over "
+        f"finetuning seeds {list(seeds)} (one pretraining).\n\n{text}\n\nWall time: {times}.\n"
+    )
     (out / "results.md").write_text(report)
     table.to_csv(out / "results.csv", index=False)
     print("\n" + report)
@@ -125,8 +153,13 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument(
         "--finetune-arg", action="append", default=[], help="CLI argument for finetuning only"
     )
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0], help="finetuning seeds (table: mean and sd)"
+    )
     args, extra = parser.parse_known_args(argv)
-    return run_quickstart(args.out, extra, args.pretrain_arg, args.finetune_arg, args.config_dir)
+    return run_quickstart(
+        args.out, extra, args.pretrain_arg, args.finetune_arg, args.config_dir, tuple(args.seeds)
+    )
 
 
 if __name__ == "__main__":
