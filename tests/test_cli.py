@@ -207,3 +207,16 @@ def test_quickstart_runner_writes_the_table(tiny_cohort, tmp_path):
     assert "| JEPA-pretrained | internal |" in text and "Wall time" in text
     for seed in (0, 1):
         assert (tmp_path / "finetune_jepa" / f"seed{seed}" / "checkpoints" / "last.ckpt").exists()
+
+
+def test_resume_from_last_continues_the_same_run(tiny_cohort, tmp_path):
+    """A stable default_root_dir + --ckpt_path last picks up where a run stopped."""
+    first = _fit(
+        PRETRAIN, tmp_path, tiny_cohort, "--trainer.max_epochs=1", "--trainer.limit_val_batches=0"
+    )
+    steps = first.trainer.global_step
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+    resumed = _fit(PRETRAIN, tmp_path, tiny_cohort, "--trainer.max_epochs=2", "--trainer.limit_val_batches=0",
+                   "--ckpt_path=last")  # fmt: skip
+    assert resumed.trainer.global_step == 2 * steps
+    assert resumed.model._last_ema_step == 2 * steps  # EMA guard restarted at the resumed step
