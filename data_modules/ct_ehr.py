@@ -189,6 +189,14 @@ class CTEHRDataModule(L.LightningDataModule):
             df["split"] = assign_patient_splits(
                 df, self.val_fraction, self.test_fraction, self.split_seed
             )
+            if df["cohort"].nunique() > 1:
+                log.warning(
+                    "manifest %s has no split column: patients of every cohort (%s) were split "
+                    "at random, so 'external' scans are also trained on; add a split column "
+                    "(e.g. external -> test) for a true external test",
+                    self.manifest,
+                    sorted(df["cohort"].unique()),
+                )
         df["image_path"] = resolve_image_paths(df, self.manifest)
         return df
 

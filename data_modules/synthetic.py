@@ -379,7 +379,8 @@ class SyntheticCohortDataModule(CTEHRDataModule):
         seed: cohort seed (the cohort is a deterministic function of the settings).
         label_weights: share of the label logit's variance from (shared, image-only,
             EHR-only) causes.
-        **kwargs: every :class:`CTEHRDataModule` argument except ``manifest``.
+        image_size ... drop_last: as in :class:`CTEHRDataModule` (the synthetic cohort
+            always carries a split column, so the split fractions do not apply).
     """
 
     def __init__(

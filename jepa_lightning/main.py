@@ -43,6 +43,11 @@ class JEPALightningCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if self.subcommand in ("validate", "test", "predict") and not config.get("ckpt_path"):
+            raise SystemExit(
+                f"error: '{self.subcommand}' needs --ckpt_path (e.g. <default_root_dir>/checkpoints/"
+                "last.ckpt); without it the model would be evaluated with untrained weights"
+            )
         if config.checkpoint.dirpath is None:
             root = config.trainer.default_root_dir or "."
             config.checkpoint.dirpath = str(Path(root) / "checkpoints")

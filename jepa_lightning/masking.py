@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -164,6 +163,7 @@ class JEPAMaskCollator:
     p_ehr_only: float = 0.2
     min_context: int = 4
     use_ehr: bool = True
+    rank: int | None = None  # global rank; read from the environment when not given
 
     def __post_init__(self) -> None:
         self.grid = tuple(self.grid)  # type: ignore[assignment]
@@ -179,7 +179,8 @@ class JEPAMaskCollator:
         return state
 
     def generator(self) -> torch.Generator:
-        seed = (torch.initial_seed() + 1_000_003 * _distributed_rank()) % (2**63)
+        rank = self.rank if self.rank is not None else _distributed_rank()
+        seed = (torch.initial_seed() + 1_000_003 * rank) % (2**63)
         if self._generator is None or self._seeded_for != seed:
             self._generator = torch.Generator().manual_seed(seed)
             self._seeded_for = seed
@@ -225,11 +226,3 @@ class JEPAMaskCollator:
     def __call__(self, batch: dict) -> dict:
         batch.update(self.masks(len(batch["image"])))
         return batch
-
-
-def as_range(value: float | Sequence[float]) -> tuple[float, float]:
-    """``0.2`` -> ``(0.2, 0.2)``; ``[0.1, 0.3]`` -> ``(0.1, 0.3)``, for YAML convenience."""
-    if isinstance(value, int | float):
-        return (float(value), float(value))
-    lo, hi = value
-    return (float(lo), float(hi))

@@ -150,10 +150,17 @@ def test_init_from_missing_or_foreign_checkpoint(tiny_cohort, tmp_path):
         _fit(
             FINETUNE, tmp_path, tiny_cohort, f"--model.init_args.init_from={tmp_path / 'nope.ckpt'}"
         )
+    hparams = {"image_size": [32, 32, 32], "patch_size": 8, "n_ehr_features": 12, "embed_dim": 96,
+               "depth": 4, "num_heads": 4, "mlp_ratio": 4.0}  # fmt: skip
+    unchecked = tmp_path / "unchecked.ckpt"
+    torch.save({"state_dict": {"encoder.norm.weight": torch.zeros(96)}}, unchecked)
+    with pytest.raises(
+        CheckpointMismatchError, match="does not record the backbone hyperparameters"
+    ):
+        _fit(FINETUNE, tmp_path, tiny_cohort, f"--model.init_args.init_from={unchecked}")
     foreign = tmp_path / "foreign.ckpt"
-    torch.save(
-        {"state_dict": {"resnet.conv1.weight": torch.zeros(1)}, "hyper_parameters": {}}, foreign
-    )
+    state = {"resnet.conv1.weight": torch.zeros(1)}
+    torch.save({"state_dict": state, "hyper_parameters": hparams}, foreign)
     with pytest.raises(CheckpointMismatchError, match="no encoder weights.*resnet"):
         _fit(FINETUNE, tmp_path, tiny_cohort, f"--model.init_args.init_from={foreign}")
     truncated = tmp_path / "truncated.ckpt"
@@ -220,3 +227,42 @@ def test_resume_from_last_continues_the_same_run(tiny_cohort, tmp_path):
                    "--ckpt_path=last")  # fmt: skip
     assert resumed.trainer.global_step == 2 * steps
     assert resumed.model._last_ema_step == 2 * steps  # EMA guard restarted at the resumed step
+
+
+def test_quickstart_pretraining_is_bit_reproducible(tiny_cohort, tmp_path):
+    """Same config, same seed -> the same weights (deterministic: true in the config)."""
+    runs = [
+        _fit(
+            PRETRAIN,
+            tmp_path / name,
+            tiny_cohort,
+            "--trainer.max_epochs=1",
+            "--trainer.limit_val_batches=0",
+        )
+        for name in ("a", "b")
+    ]
+    a, b = (r.model.target_encoder.state_dict() for r in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (
+        runs[0].trainer.callback_metrics["train/loss"]
+        == runs[1].trainer.callback_metrics["train/loss"]
+    )
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
+def test_evaluation_without_checkpoint_is_refused(subcommand):
+    with pytest.raises(SystemExit, match=f"'{subcommand}' needs --ckpt_path"):
+        main([subcommand, "--config", FINETUNE])
+
+
+def test_resumed_finetune_does_not_need_the_pretraining_file(pretrained, tiny_cohort, tmp_path):
+    ckpt = tmp_path / "pretrained.ckpt"
+    ckpt.write_bytes((pretrained / "checkpoints" / "last.ckpt").read_bytes())
+    run = tmp_path / "run"
+    first = _fit(
+        FINETUNE, run, tiny_cohort, "--trainer.max_epochs=1", f"--model.init_args.init_from={ckpt}"
+    )
+    ckpt.unlink()  # e.g. cleaned up before a requeued job restarts
+    resumed = _fit(FINETUNE, run, tiny_cohort, "--trainer.max_epochs=2", f"--model.init_args.init_from={ckpt}",
+                   "--ckpt_path=last")  # fmt: skip
+    assert resumed.trainer.global_step == 2 * first.trainer.global_step

@@ -407,9 +407,3 @@ def test_collator_follows_process_seed_change(rank0):
     fresh = _collator().masks(4)
     assert not _same_masks(a, b)
     assert _same_masks(a, fresh)
-
-
-def test_as_range():
-    assert masking.as_range(0.2) == (0.2, 0.2)
-    assert masking.as_range(1) == (1.0, 1.0)
-    assert masking.as_range([0.1, 0.3]) == (0.1, 0.3)

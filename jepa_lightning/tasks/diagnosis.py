@@ -13,6 +13,7 @@ from torchmetrics import MetricCollection, SumMetric
 from torchmetrics.classification import BinaryAUROC, BinaryAveragePrecision
 
 from jepa_lightning.backbones import MultimodalEncoder
+from jepa_lightning.backbones.vit3d import as_size3
 from jepa_lightning.losses import masked_bce_with_logits
 from jepa_lightning.tasks.base import BaseTask, decay_groups
 
@@ -34,9 +35,16 @@ class CheckpointMismatchError(ValueError):
     """A pretrained checkpoint does not fit the model it is loaded into."""
 
 
-def _norm(value: Any) -> Any:
-    if isinstance(value, list | tuple):
-        return [_norm(v) for v in value]
+LINKED_FROM_DATA = {
+    "image_size": "data.init_args.image_size",
+    "n_ehr_features": "the data's EHR columns",
+}
+
+
+def _norm(key: str, value: Any) -> Any:
+    """Compare like with like: ``32`` and ``[32, 32, 32]`` are the same size."""
+    if key in ("image_size", "patch_size") and value is not None:
+        return list(as_size3(value))
     return value
 
 
@@ -58,13 +66,24 @@ def load_pretrained_encoder(
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointMismatchError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
     hparams = ckpt.get("hyper_parameters", {})
+    absent = [k for k in BACKBONE_KEYS if k not in hparams]
+    if absent:
+        raise CheckpointMismatchError(
+            f"checkpoint {path} does not record the backbone hyperparameters {absent}, so it "
+            "cannot be checked against this model; use a checkpoint written by this framework"
+        )
     differing = {
-        k: (hparams.get(k), expected[k])
+        k: (hparams[k], expected[k])
         for k in BACKBONE_KEYS
-        if k in hparams and _norm(hparams.get(k)) != _norm(expected[k])
+        if _norm(k, hparams[k]) != _norm(k, expected[k])
     }
     if differing:
-        hint = " ".join(f"--model.init_args.{k}={v[0]}" for k, v in differing.items())
+        hint = " ".join(
+            f"{LINKED_FROM_DATA[k]}={v[0]}"
+            if k in LINKED_FROM_DATA
+            else f"--model.init_args.{k}={v[0]}"
+            for k, v in differing.items()
+        )
         raise CheckpointMismatchError(
             f"checkpoint {path} was trained with a different backbone "
             f"(checkpoint vs this model: {differing}); set {hint}"
@@ -160,16 +179,25 @@ class DiagnosisTask(BaseTask):
         log.info("backbone initialised from %s", path)
         return data_state
 
-    def setup(self, stage: str) -> None:
-        # Loaded here rather than in __init__ so a bad checkpoint surfaces as its own error
-        # (the CLI would wrap an __init__ error in a type-validation message). A resumed
-        # run (--ckpt_path) restores its own weights after this, as it should.
+    def on_fit_start(self) -> None:
+        # Loaded here, not in __init__, so a bad checkpoint raises its own error (the CLI
+        # would wrap an __init__ error in a type-validation message); and after Lightning's
+        # restore, so a resumed run (--ckpt_path) keeps its finetuned weights and does not
+        # need the pretraining file any more.
         init_from = self.hparams.init_from
+        if (
+            not init_from
+            or self.trainer.ckpt_path is not None
+            or self._initialised_from == init_from
+        ):
+            return
+        data_state = self.initialise_from_checkpoint(init_from)
         dm = getattr(self.trainer, "datamodule", None)
-        if stage == "fit" and init_from and self._initialised_from != init_from:
-            data_state = self.initialise_from_checkpoint(init_from)
-            if data_state is not None and hasattr(dm, "load_state_dict"):
-                dm.load_state_dict(data_state)  # EHR coded as in pretraining
+        if data_state is not None and hasattr(dm, "load_state_dict"):
+            dm.load_state_dict(data_state)  # EHR coded as in pretraining
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
         if stage in ("test", "fit") and not len(self.test_metrics):
             cohorts = getattr(dm, "cohorts", None) or ["all"]
             for c in cohorts:

@@ -114,6 +114,7 @@ class MultimodalJEPA(BaseTask):
             p_image_only=h.p_image_only,
             p_ehr_only=h.p_ehr_only,
             use_ehr=h.use_ehr,
+            rank=self.global_rank,
         )
 
     def setup(self, stage: str) -> None:
