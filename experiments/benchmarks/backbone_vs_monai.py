@@ -1,26 +1,36 @@
-"""Forward+backward throughput: our VisionTransformer3D vs MONAI's ViT of the same size.
+"""(a) Forward+backward throughput: our VisionTransformer3D vs MONAI's ViT of the same size.
 
-Both models are timed interleaved in one process (A, B, C, A, B, C, ...) so machine noise
-hits them alike; the figure is the median over rounds of samples/s, and the ratio is ours
-over MONAI's. MONAI is measured twice: its default ViT, and the same ViT with its blocks
-rebuilt with ``use_flash_attention=True`` (SDPA), so the comparison is not only against
-a slow attention path.
+Same width, depth, heads, patch size and MLP ratio (4), qkv bias on, exact-erf GELU and
+LayerNorm(eps 1e-5) in both, fp32, same threads, same input. MONAI is measured twice: its
+default ViT (attention written out as einsum + softmax) and the same ViT with its blocks
+rebuilt with ``use_flash_attention=True`` (SDPA), so the comparison is not only against a
+slow attention path. Differences that remain: MONAI learns its position embedding (ours
+is a fixed sin-cos buffer) and returns the hidden states of every block (no compute).
 
-    python -m experiments.benchmarks.backbone_vs_monai --size 64 --rounds 5
+All variants are timed interleaved in one process, median over rounds; the ratio is ours
+over MONAI's samples/s. ``--compile`` adds ``torch.compile``d variants of ours and of
+MONAI+flash (blocks compiled the same way; compile time reported, not timed).
+``--profile`` prints where each model's time goes, by operator family.
+
+    python -m experiments.benchmarks.backbone_vs_monai --size 128 --rounds 3 --threads 1
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import json
 import time
+from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 from monai.networks.blocks.transformerblock import TransformerBlock
 from monai.networks.nets import ViT
 from torch import nn
 
+from experiments.benchmarks.common import interleaved, machine, median, set_threads, spread
 from jepa_lightning.backbones import VisionTransformer3D
+from jepa_lightning.backbones.vit3d import compile_blocks
 
 
 def monai_vit(size: int, patch: int, dim: int, depth: int, heads: int, flash: bool) -> nn.Module:
@@ -34,42 +44,97 @@ def monai_vit(size: int, patch: int, dim: int, depth: int, heads: int, flash: bo
     return model
 
 
-def step_seconds(model: nn.Module, x: torch.Tensor) -> float:
-    t0 = time.perf_counter()
-    out = model(x)
-    out = out[0] if isinstance(out, tuple) else out
-    out.float().mean().backward()
-    return time.perf_counter() - t0
+def compile_monai_blocks(model: nn.Module) -> None:
+    for block in model.blocks:
+        block.compile(dynamic=True)
+
+
+def train_step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        out = model(x)
+        out = out[0] if isinstance(out, tuple) else out
+        out.float().mean().backward()
+
+    return step
+
+
+FAMILIES = (  # operator family by aten name fragment, first match wins
+    ("attention", ("scaled_dot_product", "bmm", "softmax", "einsum", "aten::mul")),
+    ("linear (GEMM)", ("aten::mm", "aten::addmm", "aten::linear")),
+    ("patch embed (conv)", ("convolution",)),
+    ("layernorm", ("layer_norm",)),
+    ("gelu", ("gelu",)),
+    ("copies / layout", ("copy_", "cat", "clone", "contiguous", "fill_")),
+    ("reductions / adds", ("sum", "add")),
+)
+
+
+def profile_families(step: Callable[[], None]) -> dict[str, float]:
+    """Self CPU ms of one step by operator family (a rough map of where the time goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    out: dict[str, float] = defaultdict(float)
+    for evt in prof.key_averages():
+        if not evt.key.startswith("aten::"):
+            continue
+        family = next((f for f, keys in FAMILIES if any(k in evt.key for k in keys)), "other")
+        out[family] += evt.self_cpu_time_total / 1e3
+    return {k: round(v, 1) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
 
 
 def run(size: int = 64, patch: int = 16, dim: int = 384, depth: int = 6, heads: int = 6,
-        batch: int = 2, rounds: int = 5, warmup: int = 1) -> dict:  # fmt: skip
+        batch: int = 2, rounds: int = 5, warmup: int = 1, compile: bool = False,
+        profile: bool = False) -> dict:  # fmt: skip
     torch.manual_seed(0)
-    models = {
+    models: dict[str, nn.Module] = {
         "ours": VisionTransformer3D(size, patch, 1, dim, depth, heads),
         "monai": monai_vit(size, patch, dim, depth, heads, flash=False),
         "monai_flash": monai_vit(size, patch, dim, depth, heads, flash=True),
     }
-    params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
     x = torch.randn(batch, 1, size, size, size)
-    times: dict[str, list[float]] = {k: [] for k in models}
-    for r in range(warmup + rounds):
-        for name, model in models.items():
-            model.zero_grad(set_to_none=True)
-            t = step_seconds(model, x)
-            if r >= warmup:
-                times[name].append(t)
-    sps = {k: batch / statistics.median(v) for k, v in times.items()}
-    return {
-        "benchmark": "backbone fwd+bwd",
+    compile_s = {}
+    if compile:
+        models["ours_compiled"] = VisionTransformer3D(size, patch, 1, dim, depth, heads)
+        compile_blocks(models["ours_compiled"])
+        models["monai_flash_compiled"] = monai_vit(size, patch, dim, depth, heads, flash=True)
+        compile_monai_blocks(models["monai_flash_compiled"])
+        for name in ("ours_compiled", "monai_flash_compiled"):
+            t0 = time.perf_counter()
+            train_step(models[name], x)()  # the first call compiles
+            compile_s[name] = round(time.perf_counter() - t0, 1)
+    params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
+    steps = {name: train_step(m, x) for name, m in models.items()}
+    wall, cpu = interleaved(steps, rounds, warmup)
+    sps = {k: batch / median(v) for k, v in wall.items()}
+    sps_cpu = {k: batch / median(v) for k, v in cpu.items()}
+    result = {
+        "benchmark": "backbone_vs_monai",
         "volume": f"{size}^3",
         "tokens": (size // patch) ** 3,
-        "config": f"dim {dim}, depth {depth}, heads {heads}, patch {patch}, batch {batch}",
+        "config": f"dim {dim}, depth {depth}, heads {heads}, patch {patch}, mlp 4x, batch {batch}, fp32",
         "params_M": {k: round(v / 1e6, 2) for k, v in params.items()},
         "samples_per_s": {k: round(v, 3) for k, v in sps.items()},
+        "samples_per_cpu_s": {k: round(v, 3) for k, v in sps_cpu.items()},
+        "spread_iqr": {k: round(spread(v), 3) for k, v in wall.items()},
         "ratio_vs_monai": round(sps["ours"] / sps["monai"], 2),
         "ratio_vs_monai_flash": round(sps["ours"] / sps["monai_flash"], 2),
+        "cpu_ratio_vs_monai": round(sps_cpu["ours"] / sps_cpu["monai"], 2),
+        "cpu_ratio_vs_monai_flash": round(sps_cpu["ours"] / sps_cpu["monai_flash"], 2),
     }
+    if compile:
+        result["compile_s"] = compile_s
+        result["ratio_compiled_vs_monai_flash_compiled"] = round(
+            sps["ours_compiled"] / sps["monai_flash_compiled"], 2
+        )
+        result["ratio_compiled_vs_eager"] = round(sps["ours_compiled"] / sps["ours"], 2)
+    if profile:
+        result["profile_ms"] = {
+            k: profile_families(steps[k]) for k in ("ours", "monai", "monai_flash")
+        }
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -78,8 +143,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--profile", action="store_true")
     args = p.parse_args(argv)
-    print(run(args.size, rounds=args.rounds))
+    set_threads(args.threads)
+    result = run(args.size, batch=args.batch, rounds=args.rounds, compile=args.compile,
+                 profile=args.profile)  # fmt: skip
+    print(json.dumps({"machine": machine(), **result}, indent=2))
 
 
 if __name__ == "__main__":

@@ -70,9 +70,26 @@ def gather_tokens(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.gather(tokens, 1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
 
 
+def patchify(x: torch.Tensor, patch_size: Size3) -> torch.Tensor:
+    """``[B, C, D, H, W] -> [B, N, C * pd * ph * pw]``: each row one patch, raster order of the
+    patch grid, voxels in the order of a ``Conv3d`` weight (channel, z, y, x)."""
+    b, c, d, h, w = x.shape
+    pd, ph, pw = patch_size
+    x = x.reshape(b, c, d // pd, pd, h // ph, ph, w // pw, pw)
+    return x.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(b, -1, c * pd * ph * pw)
+
+
 class PatchEmbed3D(nn.Module):
-    """Non-overlapping 3-D patches -> tokens. A strided conv, so a token depends on its own
-    voxels only: dropping a token later removes every trace of its voxels."""
+    """Non-overlapping 3-D patches -> tokens, so a token depends on its own voxels only:
+    dropping a token later removes every trace of its voxels.
+
+    The weights are those of a ``Conv3d`` with kernel = stride = patch (checkpoints and
+    MONAI-style weights load unchanged), but the forward is the equivalent GEMM over
+    flattened patches: with non-overlapping patches a convolution *is* one matrix product,
+    and on CPU oneDNN's 3-D convolution and its backward were measured 1.3-1.6x slower
+    than that single GEMM (``experiments/benchmarks``). Same result up to float summation
+    order.
+    """
 
     def __init__(self, patch_size: int | Sequence[int], in_chans: int, embed_dim: int):
         super().__init__()
@@ -80,7 +97,8 @@ class PatchEmbed3D(nn.Module):
         self.proj = nn.Conv3d(in_chans, embed_dim, self.patch_size, stride=self.patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)  # [B, N, C]
+        weight = self.proj.weight.reshape(self.proj.out_channels, -1)
+        return F.linear(patchify(x, self.patch_size), weight, self.proj.bias)  # [B, N, C]
 
 
 class Attention(nn.Module):
@@ -117,6 +135,22 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), attn_mask)
         return x + self.mlp(self.norm2(x))
+
+
+def compile_blocks(module: nn.Module) -> int:
+    """Compile, in place, every transformer :class:`Block` inside ``module``; returns how many.
+
+    ``nn.Module.compile`` keeps parameter names, so state dicts and checkpoints are the same
+    as without it. Blocks rather than whole encoders: the number of tokens changes from batch
+    to batch (mask sizes) and modality drop changes what is encoded at all, which would
+    recompile a whole-model graph, while a block is the hot, shape-regular part whose
+    elementwise tail (LayerNorm, bias, GELU, residual) is what a compiler fuses. The token
+    dimension is compiled dynamic for the same reason.
+    """
+    blocks = [m for m in module.modules() if isinstance(m, Block)]
+    for block in blocks:
+        block.compile(dynamic=True)
+    return len(blocks)
 
 
 def init_transformer_weights(module: nn.Module) -> None:

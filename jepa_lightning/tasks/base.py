@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from jepa_lightning.backbones.vit3d import compile_blocks
 from jepa_lightning.schedules import warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,14 @@ class BaseTask(L.LightningModule):
         self.warmup_fraction = warmup_fraction
         self.min_lr_ratio = min_lr_ratio
         self.base_batch_size = base_batch_size
+
+    def configure_model(self) -> None:
+        """``compile: true`` on a task compiles its transformer blocks here (once, before the
+        optimizer is built; Lightning calls this hook in fit/validate/test/predict)."""
+        if self.hparams.get("compile", False) and not getattr(self, "_blocks_compiled", False):
+            n = compile_blocks(self)
+            self._blocks_compiled = True
+            log.info("torch.compile: %d transformer blocks", n)
 
     def param_groups(self) -> list[dict]:
         """Override to give parts of the model their own LR multiplier."""

@@ -116,6 +116,8 @@ class DiagnosisTask(BaseTask):
         backbone_lr_mult: backbone LR as a fraction of the head's when finetuning.
         head_dropout: dropout before the linear head.
         patch_size / embed_dim / depth / num_heads / mlp_ratio: must match ``init_from``.
+        grad_checkpointing: trade compute for activation memory in the encoder.
+        compile: ``torch.compile`` the encoder's transformer blocks in ``configure_model``.
     """
 
     def __init__(
@@ -132,6 +134,8 @@ class DiagnosisTask(BaseTask):
         depth: int = 4,
         num_heads: int = 4,
         mlp_ratio: float = 4.0,
+        grad_checkpointing: bool = False,
+        compile: bool = False,
         lr: float = 1e-3,
         weight_decay: float = 0.05,
         warmup_fraction: float = 0.1,
@@ -143,8 +147,9 @@ class DiagnosisTask(BaseTask):
             raise ValueError(f"modalities must be image, ehr or image+ehr, got {modalities!r}")
         self.save_hyperparameters()
         self.encoder = MultimodalEncoder(
-            image_size, patch_size, n_ehr_features, embed_dim, depth, num_heads, mlp_ratio
-        )
+            image_size, patch_size, n_ehr_features, embed_dim, depth, num_heads, mlp_ratio,
+            grad_checkpointing,
+        )  # fmt: skip
         self._initialised_from: str | None = None
         if freeze_backbone:
             self.encoder.requires_grad_(False).eval()

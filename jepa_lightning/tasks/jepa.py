@@ -46,6 +46,9 @@ class MultimodalJEPA(BaseTask):
             (watch ``val/feature_std``); this term keeps samples apart.
         loss: ``smooth_l1`` | ``l1`` | ``l2`` on layer-normed targets, in fp32.
         grad_checkpointing: trade compute for activation memory in the encoders.
+        compile: ``torch.compile`` the transformer blocks (encoders and predictor) in
+            ``configure_model``; checkpoints are unchanged. Worth it on GPUs; on CPU the
+            GEMMs dominate and the one-off compile takes minutes (README: Performance).
     """
 
     def __init__(
@@ -74,6 +77,7 @@ class MultimodalJEPA(BaseTask):
         variance_weight: float = 0.0,
         loss: str = "smooth_l1",
         grad_checkpointing: bool = False,
+        compile: bool = False,
         lr: float = 1.5e-3,
         weight_decay: float = 0.05,
         warmup_fraction: float = 0.1,
