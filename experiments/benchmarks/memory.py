@@ -2,7 +2,8 @@
 checkpointing (``grad_checkpointing``).
 
 Each configuration runs in its own subprocess, so one configuration's peak cannot hide
-another's. On CPU the figure is the process's peak resident set (``ru_maxrss``), with
+another's. On CPU the figure is the process's peak resident set (``VmHWM``, reset just
+before the measured step), with
 glibc told to serve every allocation over 64 KiB by ``mmap`` (``MALLOC_MMAP_THRESHOLD_``)
 so that freed tensors leave the resident set instead of lingering in the heap; reported
 as the whole process's peak and as the step's peak above what is resident before it
@@ -16,11 +17,12 @@ encodes image context).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
-import resource
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -32,13 +34,20 @@ MODEL = dict(patch_size=16, embed_dim=384, depth=6, num_heads=6, predictor_dim=1
 BATCH = 2
 
 
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def _status_mb(field: str) -> float:
+    """A ``/proc/self/status`` memory field (kB) in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+def reset_peak_rss() -> None:
+    """Restart the peak-RSS count from the current RSS (Linux >= 4.0: clear_refs 5).
+
+    ``ru_maxrss`` would not do: it carries the parent's resident set over fork + exec.
+    """
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def child(size: int, checkpointing: bool) -> dict:
@@ -58,10 +67,12 @@ def child(size: int, checkpointing: bool) -> dict:
         peak = torch.cuda.max_memory_allocated() / 2**20
         kind = "cuda max_memory_allocated"
     else:
-        before = rss_mb()
+        gc.collect()
+        before = _status_mb("VmRSS")
+        reset_peak_rss()
         loop.step(batches[1])
-        peak = peak_rss_mb()
-        kind = "peak RSS"
+        peak = _status_mb("VmHWM")
+        kind = "peak RSS (VmHWM)"
     return {
         "volume": f"{size}^3",
         "tokens": task.encoder.num_patches,

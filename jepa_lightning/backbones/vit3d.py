@@ -86,9 +86,8 @@ class PatchEmbed3D(nn.Module):
     The weights are those of a ``Conv3d`` with kernel = stride = patch (checkpoints and
     MONAI-style weights load unchanged), but the forward is the equivalent GEMM over
     flattened patches: with non-overlapping patches a convolution *is* one matrix product,
-    and on CPU oneDNN's 3-D convolution and its backward were measured 1.3-1.6x slower
-    than that single GEMM (``experiments/benchmarks``). Same result up to float summation
-    order.
+    and on CPU oneDNN's 3-D convolution and its backward measured 1.1-2x slower than that
+    single GEMM (README: Performance). Same result up to float summation order.
     """
 
     def __init__(self, patch_size: int | Sequence[int], in_chans: int, embed_dim: int):
