@@ -171,3 +171,16 @@ def test_mfu_script_runs_end_to_end_on_cpu():
     r = gpu_mfu.run(batch=2, steps=2, warmup=1, size=16, device="cpu", peak=1.0, model=TINY)
     assert r["samples_per_s"] > 0 and r["mfu_pct"] >= 0
     assert r["model_gflop_per_step"] > 0 and r["counted_gflop_first_step"] > 0
+
+
+@pytest.mark.slow
+def test_compiled_pretraining_runs_from_the_cli(tiny_cohort, tmp_path):
+    """The real torch.compile path (minutes of compilation on CPU, hence slow)."""
+    cli = main(["fit", "--config", PRETRAIN, f"--trainer.default_root_dir={tmp_path}",
+                f"--trainer.logger.init_args.save_dir={tmp_path}", *tiny_data_args(tiny_cohort),
+                "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
+                "--trainer.enable_progress_bar=false", "--model.init_args.compile=true"])  # fmt: skip
+    assert cli.trainer.global_step == 2
+    blocks = [m for m in cli.model.modules() if isinstance(m, Block)]
+    assert blocks and all(b._compiled_call_impl is not None for b in blocks)
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
