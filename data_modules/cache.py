@@ -74,12 +74,16 @@ class AtomicPersistentDataset(PersistentDataset):
             except Exception:  # unreadable entry (disk trouble, foreign file): recompute it
                 pass
         result = self._pre_transform(dict(item_transformed))
-        fd, tmp = tempfile.mkstemp(dir=hashfile.parent, prefix=f".{hashfile.name}.", suffix=".tmp")
+        entry = {"image": result["image"]}
+        tmp = None
         try:
+            fd, tmp = tempfile.mkstemp(dir=hashfile.parent, prefix=f".{hashfile.name}.", suffix=".tmp")
             with os.fdopen(fd, "wb") as fh:
-                torch.save({"image": result["image"]}, fh)
-            os.replace(tmp, hashfile)
+                torch.save(entry, fh)
+            os.replace(tmp, hashfile)  # atomic: readers see no file or a complete one
         except OSError as err:  # read-only or full cache disk: training goes on uncached
-            Path(tmp).unlink(missing_ok=True)
             log.warning("could not write cache entry %s (%s); continuing uncached", hashfile, err)
-        return {"image": result["image"]}
+        finally:
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)  # only left when the write failed or was interrupted
+        return entry

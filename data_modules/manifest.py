@@ -145,7 +145,7 @@ def validate_manifest(
         not_numeric = (label.isna() & raw.notna() & (raw.astype(str).str.strip() != "")).to_numpy()
         flag(not_numeric, lambda i: f"label {raw.iloc[i]!r} is not a number; use 0, 1 or empty")
         outside = (label.notna() & ~label.isin([0, 1])).to_numpy()
-        flag(outside, lambda i: f"label {label.iloc[i]!r} is outside {{0, 1}}; use 0, 1 or empty")
+        flag(outside, lambda i: f"label {label.iloc[i]:g} is outside {{0, 1}}; use 0, 1 or empty")
         df["label"] = label.where(label.isin([0, 1])).astype("float32")
     else:
         df["label"] = np.float32("nan")

@@ -85,7 +85,7 @@ class Report:
         s = self.summary()
         lines = [f"# Archive check: {self.manifest}", ""]
         lines.append(f"**{'OK' if self.ok else 'PROBLEMS FOUND'}** — {s['rows']} rows")
-        for key in ("patients", "images_checked", "labelled", "splits", "cohorts", "ehr_features"):
+        for key in ("patients", "images_checked", "labelled", "splits", "cohorts", "ehr_features", "ehr_rows_matched"):
             if key in s:
                 lines.append(f"- {key}: {s[key]}")
         if "spacing_mm" in s:
@@ -119,9 +119,9 @@ def nifti_header_info(path: Path) -> ImageInfo:
         return ImageInfo(problem=f"image {path} has shape {shape}; a 3-D CT volume is required")
     hdr = img.header
     if str(path).endswith(".gz"):
-        expected = (
-            int(hdr.get_data_offset()) + int(np.prod(img.shape)) * hdr.get_data_dtype().itemsize
-        )
+        # A loaded header may report offset 0; a single file's data starts at >= 352 (NIfTI-1).
+        offset = max(int(hdr.get_data_offset()), int(getattr(hdr, "single_vox_offset", 0)))
+        expected = offset + int(np.prod(img.shape)) * hdr.get_data_dtype().itemsize
         with open(path, "rb") as fh:
             fh.seek(-4, 2)
             stored = int.from_bytes(fh.read(4), "little")
@@ -152,7 +152,8 @@ def dicom_header_info(path: Path) -> ImageInfo:
     step = float(np.median(np.diff(pos)))
     row, col = (float(v) for v in first.PixelSpacing)
     lps = np.eye(4)
-    lps[:3, 0], lps[:3, 1], lps[:3, 2] = ori[3:] * row, ori[:3] * col, normal * step
+    # i runs along a row (direction ori[:3], column spacing), j down a column (ori[3:]).
+    lps[:3, 0], lps[:3, 1], lps[:3, 2] = ori[:3] * col, ori[3:] * row, normal * step
     ras = np.diag([-1, -1, 1, 1]) @ lps
     return ImageInfo(
         shape=(int(first.Columns), int(first.Rows), len(files)),
