@@ -77,7 +77,9 @@ class AtomicPersistentDataset(PersistentDataset):
         entry = {"image": result["image"]}
         tmp = None
         try:
-            fd, tmp = tempfile.mkstemp(dir=hashfile.parent, prefix=f".{hashfile.name}.", suffix=".tmp")
+            fd, tmp = tempfile.mkstemp(
+                dir=hashfile.parent, prefix=f".{hashfile.name}.", suffix=".tmp"
+            )
             with os.fdopen(fd, "wb") as fh:
                 torch.save(entry, fh)
             os.replace(tmp, hashfile)  # atomic: readers see no file or a complete one

@@ -85,7 +85,15 @@ class Report:
         s = self.summary()
         lines = [f"# Archive check: {self.manifest}", ""]
         lines.append(f"**{'OK' if self.ok else 'PROBLEMS FOUND'}** — {s['rows']} rows")
-        for key in ("patients", "images_checked", "labelled", "splits", "cohorts", "ehr_features", "ehr_rows_matched"):
+        for key in (
+            "patients",
+            "images_checked",
+            "labelled",
+            "splits",
+            "cohorts",
+            "ehr_features",
+            "ehr_rows_matched",
+        ):
             if key in s:
                 lines.append(f"- {key}: {s[key]}")
         if "spacing_mm" in s:

@@ -118,7 +118,10 @@ def test_concurrent_writers_leave_complete_entries(volumes, tmp_path):
 
 
 def test_datamodule_disk_cache_from_init_args(volumes, tmp_path, count_decodes):
-    rows = [{"image": str(p), "split": s} for p, s in zip(volumes, ["train", "train", "val"])]
+    rows = [
+        {"image": str(p), "split": s}
+        for p, s in zip(volumes, ["train", "train", "val"], strict=True)
+    ]
     manifest = write_manifest(tmp_path, rows)
     kw = dict(image_size=8, batch_size=2, cache_volumes=False, cache_dir=str(tmp_path / "c"))
     dm = CTEHRDataModule(str(manifest), **kw)

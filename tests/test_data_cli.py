@@ -24,10 +24,22 @@ def archive(tmp_path) -> tuple[Path, Path]:
     affine = np.diag([0.8, 0.8, 1.5, 1.0])
     for i in range(10):
         centre = (8 + i % 5, 10, 6)
-        write_nifti(tmp_path / "img" / f"{i}.nii.gz", blob_volume(shape=(24, 24, 14), centre_vox=centre), affine)
+        write_nifti(
+            tmp_path / "img" / f"{i}.nii.gz",
+            blob_volume(shape=(24, 24, 14), centre_vox=centre),
+            affine,
+        )
         roi = world_of(affine, centre) if i % 3 else (np.nan,) * 3  # some rows lack an ROI
         split = "val" if i >= 8 else "train"
-        rows.append({"image": f"img/{i}.nii.gz", "split": split, "roi_x": roi[0], "roi_y": roi[1], "roi_z": roi[2]})
+        rows.append(
+            {
+                "image": f"img/{i}.nii.gz",
+                "split": split,
+                "roi_x": roi[0],
+                "roi_y": roi[1],
+                "roi_z": roi[2],
+            }
+        )
         ehr.append({"scan_id": f"s{i}", "crp": float(i) if i % 4 else np.nan, "age": 50.0 + i})
     manifest = write_manifest(tmp_path, rows, n_ehr=1)
     pd.DataFrame(ehr).to_csv(tmp_path / "ehr.csv", index=False)

@@ -71,13 +71,15 @@ def test_bad_ehr_tables_are_named(archive, tmp_path):
         _dm(archive, tmp_path / "bad.csv", "scan_id").setup("fit")
     dup = pd.DataFrame({"scan_id": ["s0", "s0"], "crp": [1.0, 2.0]})
     dup.to_csv(tmp_path / "dup.csv", index=False)
-    with pytest.raises(ManifestError, match=r"dup\.csv: key .*s0.* more than once \(rows \[0, 1\]\)"):
+    with pytest.raises(
+        ManifestError, match=r"dup\.csv: key .*s0.* more than once \(rows \[0, 1\]\)"
+    ):
         _dm(archive, tmp_path / "dup.csv", "scan_id").setup("fit")
     nokey = pd.DataFrame({"patient_id": ["p0"], "crp": [1.0]})
     nokey.to_csv(tmp_path / "nokey.csv", index=False)
     with pytest.raises(ManifestError, match=r"lacks key column\(s\) \['scan_time'\]"):
-        _dm(archive, tmp_path / "nokey.csv", "nearest_before").n_ehr_features
+        _ = _dm(archive, tmp_path / "nokey.csv", "nearest_before").n_ehr_features
     with pytest.raises(ManifestError, match="does not exist"):
-        _dm(archive, tmp_path / "absent.csv", "scan_id").n_ehr_features
+        _ = _dm(archive, tmp_path / "absent.csv", "scan_id").n_ehr_features
     with pytest.raises(ManifestError, match=r"\['nope'\] are not in"):
-        _dm(archive, tmp_path / "bad.csv", "scan_id", ehr_columns=["nope"]).n_ehr_features
+        _ = _dm(archive, tmp_path / "bad.csv", "scan_id", ehr_columns=["nope"]).n_ehr_features

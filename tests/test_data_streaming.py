@@ -84,4 +84,6 @@ def test_datamodule_streams_from_init_args(tmp_path):
     batches = list(dm.train_dataloader())
     ids = [s for b in batches for s in b["scan_id"]]
     assert sorted(ids) == [f"s{i}" for i in range(6)]
-    assert all(b["image"].shape[1:] == (1, 8, 8, 8) and b["image"].dtype == torch.float32 for b in batches)
+    assert all(
+        b["image"].shape[1:] == (1, 8, 8, 8) and b["image"].dtype == torch.float32 for b in batches
+    )
