@@ -110,9 +110,13 @@ def join_ehr(
             f"EHR table {source} columns {clash} are also manifest columns; rename one of them "
             "or choose ehr_columns"
         )
+    manifest = manifest.copy()
+    for key in KEYS[join]:  # "007" in a CSV and 7 in a Parquet file must still match
+        if key != "scan_time" and key in manifest.columns:
+            col = manifest[key]
+            manifest[key] = col.where(col.isna(), col.astype(str))
     if join == "scan_id":
-        out = manifest.merge(table, on="scan_id", how="left", validate="many_to_one")
-        return out
+        return manifest.merge(table, on="scan_id", how="left", validate="many_to_one")
     if "scan_time" not in manifest.columns:
         raise ManifestError(
             f"ehr_join='nearest_before' needs a scan_time column in the manifest (days) to match "

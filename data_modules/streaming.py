@@ -17,6 +17,10 @@ and the epoch) and takes a disjoint, interleaved share of it: process ``p`` of
   ``world_size x num_workers x batch_size - 1`` scans sit out the epoch — different ones each
   epoch, because the permutation changes.
 
+``len()`` is the rank's scan count; with ``drop_last=False`` and several workers each worker
+ends on its own partial batch, so an epoch can hold a few more (smaller) batches than
+``ceil(len / batch_size)``, which Lightning uses for ``estimated_stepping_batches``.
+
 The epoch lives in a shared-memory tensor: :class:`StreamingLoader` bumps it each time an
 epoch's iteration starts (or the trainer's epoch is used when given), and persistent worker
 processes read the new value, so each epoch has a fresh shuffle without re-spawning workers.

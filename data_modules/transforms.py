@@ -2,14 +2,17 @@
 
 The chain (dictionary transforms on ``{"image": path, "roi": (x, y, z) mm or None, ...}``):
 
-1. :class:`LoadCTd` — MONAI ``LoadImage`` (nibabel for NIfTI files, pydicom for a folder
-   holding one DICOM series), wrapped so that every failure names the file and the fix;
-2. ``Orientation`` to ``RAS`` and, when ``spacing`` is set, ``Spacing`` (trilinear, mm);
+1. :class:`LoadCTd` — a NIfTI file through nibabel (reoriented to RAS while reading) or a
+   folder holding one DICOM series through MONAI's ``LoadImage`` (``PydicomReader``) and
+   ``Orientation``, into a ``MetaTensor`` with its affine; every failure names the file;
+2. when ``spacing`` is set, MONAI's ``Spacing`` (trilinear, mm);
 3. :class:`CropAroundROId` — a ``crop_size`` box centred on the nodule (``roi_x/y/z`` in world
    mm, mapped to voxels through the *current* affine), or on the foreground when the row has
    no ROI; parts outside the scan are padded with ``pad_hu`` (air, -1024 HU);
-4. ``ScaleIntensityRange`` (HU window -> [0, 1], clipped), ``Resize`` to ``image_size``;
-5. transpose to ``[1, D, H, W]`` = ``(z, y, x)``, a plain float32 tensor.
+4. to a plain tensor, transposed to ``[1, D, H, W]`` = ``(z, y, x)``;
+5. ``ScaleIntensityRange`` (HU window -> [0, 1], clipped), ``Resize`` to ``image_size``
+   (for the default settings this is bit for bit the pre-MONAI-chain output, so the
+   quickstart results do not move).
 
 Everything up to here is deterministic and cacheable (RAM or disk, see
 :mod:`data_modules.cache`). Train-time augmentation (:class:`CTAugment`: flips, 90° turns in
@@ -54,7 +57,7 @@ from monai.transforms import (
 from monai.transforms.utils import generate_spatial_bounding_box
 
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
-PREPROCESS_VERSION = 1  # bump when the chain changes in a way the config does not show
+PREPROCESS_VERSION = 2  # bump when the chain changes in a way the config does not show
 
 
 class BadSampleError(ValueError):
@@ -408,14 +411,11 @@ def ct_pipeline(
         )
     steps += [
         # Geometry is settled: drop the metadata (MetaTensor bookkeeping costs more than the
-        # window and resize themselves on small volumes).
+        # window and resize themselves on small volumes), go to (z, y, x) = (D, H, W).
         ToPlainTensord("image"),
-        ScaleIntensityRanged("image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True),
-        # image_size is (D, H, W) = (z, y, x); the volume is still (x, y, z) here.
-        Resized(
-            "image", spatial_size=tuple(image_size)[::-1], mode="trilinear", anti_aliasing=False
-        ),
         Transposed("image", indices=(0, 3, 2, 1)),
+        ScaleIntensityRanged("image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True),
+        Resized("image", spatial_size=tuple(image_size), mode="trilinear", anti_aliasing=False),
         ToPlainTensord("image"),
     ]
     return Compose(steps)

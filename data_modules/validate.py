@@ -139,6 +139,10 @@ def nifti_header_info(path: Path) -> ImageInfo:
                 f"header needs {expected}); re-export or re-copy it"
             )
     zooms = tuple(float(z) for z in hdr.get_zooms()[:3])
+    if not all(np.isfinite(z) and z > 0 for z in zooms) or not np.isfinite(img.affine).all():
+        return ImageInfo(
+            problem=f"image {path} has voxel spacing {zooms} / a non-finite affine; fix its header"
+        )
     return ImageInfo(shape=shape, spacing=zooms, orientation="".join(nib.aff2axcodes(img.affine)))
 
 
