@@ -364,6 +364,8 @@ class CTEHRDataModule(L.LightningDataModule):
             if self.problems.reasons:
                 log.warning("manifest %s: %s", self.manifest, self.problems.summary())
         table = self._table
+        if self.streaming and self.cache_volumes and self._cache is None:
+            log.info("streaming: volumes are read per step (cache_volumes is not used)")
         if self.ehr_stats is None:
             self.ehr_stats = self.fit_ehr_stats(table)
         wanted = {

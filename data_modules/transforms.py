@@ -35,7 +35,6 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.data import ImageReader, MetaTensor
-from monai.data.utils import affine_to_spacing
 from monai.transforms import (
     BorderPad,
     Compose,
@@ -468,8 +467,3 @@ def as_bad_sample(err: BaseException, source: str) -> BadSampleError:
     while root.__cause__ is not None:
         root = root.__cause__
     return BadSampleError(f"image {source} failed preprocessing ({type(root).__name__}: {root})")
-
-
-def world_spacing(affine: np.ndarray) -> np.ndarray:
-    """Voxel spacing (mm) from an affine (used by the validation report)."""
-    return np.asarray(affine_to_spacing(np.asarray(affine), r=3), dtype=float)
