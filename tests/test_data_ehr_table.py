@@ -83,3 +83,13 @@ def test_bad_ehr_tables_are_named(archive, tmp_path):
         _ = _dm(archive, tmp_path / "absent.csv", "scan_id").n_ehr_features
     with pytest.raises(ManifestError, match=r"\['nope'\] are not in"):
         _ = _dm(archive, tmp_path / "bad.csv", "scan_id", ehr_columns=["nope"]).n_ehr_features
+
+
+def test_integer_ids_in_parquet_match_text_ids_in_csv(tmp_path):
+    write_nifti(tmp_path / "a.nii.gz", blob_volume(), np.eye(4))
+    rows = [{"image": "a.nii.gz", "scan_id": 7, "patient_id": 1, "split": s} for s in ("train",)]
+    rows.append({"image": "a.nii.gz", "scan_id": 8, "patient_id": 2, "split": "val"})
+    manifest = write_manifest(tmp_path, rows, name="m.parquet", n_ehr=1)
+    pd.DataFrame({"scan_id": ["7", "8"], "crp": [1.5, 2.5]}).to_csv(tmp_path / "e.csv", index=False)
+    raw = _raw_ehr(_dm(manifest, tmp_path / "e.csv", "scan_id"))
+    assert raw["crp"].to_dict() == {"7": 1.5, "8": 2.5}
