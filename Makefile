@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install quickstart test test-full lint format bench clean
+.PHONY: help install quickstart test test-full lint format bench bench-data clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -40,6 +40,9 @@ format: $(STAMP) ## ruff autofix + format
 
 bench: $(STAMP) ## Benchmarks under experiments/benchmarks (prints a table)
 	$(PY) -m experiments.benchmarks.run_all
+
+bench-data: $(STAMP) ## Disk cache vs decoding on a synthetic .nii.gz archive (N=500 SIZE=128)
+	$(PY) -m experiments.benchmarks.data_cache --n-scans $(or $(N),500) --size $(or $(SIZE),128)
 
 clean: ## Remove run outputs (never the .venv)
 	rm -rf runs .pytest_cache

@@ -9,7 +9,7 @@ the task's ``collate_hook`` adds (JEPA mask indices).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import lightning as L
@@ -19,7 +19,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
+from data_modules.cache import AtomicPersistentDataset
+from data_modules.ehr_table import EHRJoin, ehr_table_features, join_ehr, read_ehr_table
 from data_modules.manifest import (
+    ROI_COLUMNS,
     RowProblems,
     assign_patient_splits,
     ehr_columns,
@@ -28,53 +31,88 @@ from data_modules.manifest import (
     table_columns,
     validate_manifest,
 )
-from data_modules.transforms import BadSampleError, ct_preprocess, load_ct_volume, preprocess_volume
+from data_modules.streaming import ShardedStream, StreamingLoader
+from data_modules.transforms import (
+    BadSampleError,
+    CTAugment,
+    CTPreprocess,
+    as_bad_sample,
+    ct_pipeline,
+    load_volume,
+    pipeline_key,
+    volume_item,
+)
 
 log = logging.getLogger(__name__)
 
 
 class CTEHRDataset(Dataset):
-    """Scans of one split. Volumes come from the in-memory cache when one was built."""
+    """Scans of one split, as plain-tensor samples.
+
+    A volume comes from the in-RAM cache when one was filled at setup, else from the on-disk
+    cache (``disk``, an :class:`~data_modules.cache.AtomicPersistentDataset` over the same
+    rows), else straight from the file through ``pipeline``. ``augment`` (training split only)
+    runs afterwards on every read, seeded from torch's RNG so each worker and epoch differs
+    and ``seed_everything`` reproduces it.
+
+    A bad file raises a :class:`BadSampleError` naming the file and the manifest row, or,
+    under ``on_bad_sample='skip'``, yields ``{"skipped": reason}``, which the collate drops
+    and the loader counts and reports at the end of the epoch.
+    """
 
     def __init__(
         self,
         table: pd.DataFrame,
         ehr: np.ndarray,
-        transform,
+        pipeline,
         on_bad_sample: str,
-        cache: dict[str, torch.Tensor] | None,
+        cache: dict | None,
+        disk: AtomicPersistentDataset | None = None,
+        augment: CTAugment | None = None,
+        image_size: Sequence[int] | None = None,
     ):
         self.table = table.reset_index(drop=True)
         self.ehr = ehr  # [N, F] normalised, NaN = missing
-        self.transform = transform
+        self.pipeline = pipeline
         self.on_bad_sample = on_bad_sample
         self.cache = cache
+        self.disk = disk
+        self.items = volume_items(self.table)
+        self.augment = augment.build(image_size) if augment is not None else None
         self.skipped: list[str] = []
 
     def __len__(self) -> int:
         return len(self.table)
 
     def volume(self, i: int) -> torch.Tensor:
-        path = self.table["image_path"].iloc[i]
-        if self.cache is not None and path in self.cache:
-            return self.cache[path]
-        return preprocess_volume(load_ct_volume(path), self.transform)
+        item = self.items[i]
+        key = cache_key(item)
+        if self.cache is not None and key in self.cache:
+            image = self.cache[key]
+        elif self.disk is not None:
+            try:
+                image = self.disk[i]["image"]
+            except Exception as err:
+                raise as_bad_sample(err, item["source"]) from err
+        else:
+            image = load_volume(item, self.pipeline)
+        if self.augment is not None:
+            self.augment.set_random_state(seed=int(torch.randint(0, 2**31 - 1, ()).item()))
+            out = self.augment(image)
+            image = torch.as_tensor(out.as_tensor() if hasattr(out, "as_tensor") else out)
+            image = image.to(torch.float32).contiguous()
+        return image
 
-    def __getitem__(self, i: int) -> dict[str, Any] | None:
+    def __getitem__(self, i: int) -> dict[str, Any]:
         row = self.table.iloc[i]
         try:
             image = self.volume(i)
         except BadSampleError as err:
+            reason = f"{err} (manifest row scan_id={row['scan_id']!r})"
             if self.on_bad_sample == "raise":
-                raise BadSampleError(f"{err} (manifest row scan_id={row['scan_id']!r})") from err
-            self.skipped.append(str(err))
-            log.warning(
-                "skipping scan %s (%d skipped in this process): %s",
-                row["scan_id"],
-                len(self.skipped),
-                err,
-            )
-            return None
+                raise BadSampleError(reason + "; or set on_bad_sample: skip") from err
+            self.skipped.append(reason)
+            return {"skipped": reason}
         ehr = torch.from_numpy(self.ehr[i])
         return {
             "image": image,
@@ -87,18 +125,93 @@ class CTEHRDataset(Dataset):
         }
 
 
+def volume_items(table: pd.DataFrame) -> list[dict[str, Any]]:
+    """One :func:`volume_item` per row (ROI from ``roi_x/y/z`` when the manifest has them)."""
+    has_roi = all(c in table.columns for c in ROI_COLUMNS)
+    rois = table[list(ROI_COLUMNS)].to_numpy(dtype=float) if has_roi else [None] * len(table)
+    return [volume_item(p, r) for p, r in zip(table["image_path"], rois, strict=True)]
+
+
+def cache_key(item: dict[str, Any]) -> tuple:
+    """The in-RAM cache key: one entry per (file, ROI), so two nodules of a scan differ."""
+    return (item["image"], item["roi"])
+
+
 class BatchCollator:
-    """Drops skipped (None) samples, collates, then lets the task add its extras."""
+    """Drops skipped samples, collates, lets the task add its extras, and lists the skip
+    reasons under ``"skipped"`` (the loader removes and counts them before the task sees the
+    batch; an all-skipped batch becomes ``{}``, which tasks pass over)."""
 
     def __init__(self, hook: Callable[[dict], dict] | None = None):
         self.hook = hook
 
     def __call__(self, samples: list[dict | None]) -> dict:
-        samples = [s for s in samples if s is not None]
-        if not samples:
-            return {}
-        batch = default_collate(samples)
-        return self.hook(batch) if self.hook is not None else batch
+        skipped = [s["skipped"] for s in samples if s is not None and "skipped" in s]
+        samples = [s for s in samples if s is not None and "skipped" not in s]
+        batch = default_collate(samples) if samples else {}
+        if batch and self.hook is not None:
+            batch = self.hook(batch)
+        if skipped:
+            batch["skipped"] = skipped
+        return batch
+
+
+class SkipReport:
+    """Counts skipped samples over one pass of a loader and logs the count and first reasons."""
+
+    def __init__(self, name: str, limit: int = 5):
+        self.name, self.limit = name, limit
+        self.reasons: list[str] = []
+        self.last_epoch: list[str] = []
+
+    def take(self, batch: dict) -> dict:
+        if isinstance(batch, dict) and "skipped" in batch:
+            self.reasons.extend(batch.pop("skipped"))
+        return batch
+
+    def close(self) -> None:
+        self.last_epoch, self.reasons = self.reasons, []
+        if self.last_epoch:
+            head = "; ".join(self.last_epoch[: self.limit])
+            more = len(self.last_epoch) - self.limit
+            log.warning(
+                "%s: %d bad sample(s) skipped this epoch: %s%s",
+                self.name,
+                len(self.last_epoch),
+                head,
+                f" (+{more} more)" if more > 0 else "",
+            )
+
+
+class ReportingLoader(DataLoader):
+    """A ``DataLoader`` whose iteration strips skip reasons from batches and reports them at
+    the end of each pass (epoch), in the main process, whichever worker met them."""
+
+    def __init__(self, *args, report_name: str = "data", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.report = SkipReport(report_name)
+
+    def __iter__(self):
+        return _reporting(super().__iter__(), self.report)
+
+
+class ReportingStreamLoader(StreamingLoader):
+    """:class:`StreamingLoader` with the same skip report as :class:`ReportingLoader`."""
+
+    def __init__(self, *args, report_name: str = "data", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.report = SkipReport(report_name)
+
+    def __iter__(self):
+        return _reporting(super().__iter__(), self.report)
+
+
+def _reporting(batches, report: SkipReport):
+    try:
+        for batch in batches:
+            yield report.take(batch)
+    finally:
+        report.close()
 
 
 class CTEHRDataModule(L.LightningDataModule):
@@ -120,7 +233,24 @@ class CTEHRDataModule(L.LightningDataModule):
         predict_split: which split ``predict`` runs on (``all`` for every scan).
         cache_volumes: preprocess every volume once at setup and keep it in RAM
             (``N * prod(image_size) * 4`` bytes); workers share it by fork.
-        drop_last: drop the last incomplete training batch.
+        drop_last: drop the last incomplete training batch (streaming: see
+            :mod:`data_modules.streaming` for what it means across ranks and workers).
+        preprocess: the CT chain (orientation, target spacing, ROI crop, padding):
+            :class:`~data_modules.transforms.CTPreprocess`; default: RAS orientation, each
+            scan's own spacing, the whole volume.
+        augment: training-split augmentation (:class:`~data_modules.transforms.CTAugment`);
+            default none.
+        cache_dir: folder of an on-disk cache of preprocessed volumes, keyed by file
+            size/mtime and the preprocessing config, written atomically (safe under DDP);
+            later epochs and later runs skip decoding. Default: no disk cache.
+        streaming: iterate each split as a :class:`~data_modules.streaming.ShardedStream`
+            (shards over DDP ranks x workers, new shuffle per epoch, nothing held in RAM;
+            ``cache_volumes`` is then not used). For archives larger than RAM.
+        stream_seed: base seed of the streaming shuffle (the same on every rank).
+        ehr_table: a second table (CSV/Parquet) with EHR features, joined per ``ehr_join``;
+            its non-key columns are features (pick with ``ehr_columns``).
+        ehr_join: ``scan_id`` (exact) or ``nearest_before`` (the patient's latest record at or
+            before the scan's ``scan_time``); see :mod:`data_modules.ehr_table`.
     """
 
     def __init__(
@@ -139,6 +269,13 @@ class CTEHRDataModule(L.LightningDataModule):
         predict_split: Literal["train", "val", "test", "all"] = "test",
         cache_volumes: bool = True,
         drop_last: bool = True,
+        preprocess: CTPreprocess | None = None,
+        augment: CTAugment | None = None,
+        cache_dir: str | None = None,
+        streaming: bool = False,
+        stream_seed: int = 0,
+        ehr_table: str | None = None,
+        ehr_join: EHRJoin = "scan_id",
     ):
         super().__init__()
         if on_bad_sample not in ("raise", "skip"):
@@ -157,17 +294,35 @@ class CTEHRDataModule(L.LightningDataModule):
         self.predict_split = predict_split
         self.cache_volumes = cache_volumes
         self.drop_last = drop_last
+        self.preprocess = preprocess or CTPreprocess()
+        self.augment = augment
+        self.cache_dir = cache_dir
+        self.streaming = streaming
+        self.stream_seed = stream_seed
+        self.ehr_table = ehr_table
+        self.ehr_join = ehr_join
         self.collate_hook: Callable[[dict], dict] | None = None
         self.ehr_stats: dict[str, Any] | None = None
         self.problems = RowProblems()
         self._table: pd.DataFrame | None = None
         self._datasets: dict[str, CTEHRDataset] = {}
-        self._cache: dict[str, torch.Tensor] | None = None
+        self._cache: dict[tuple, torch.Tensor] | None = None
 
     # --- sizes a model needs before setup (LightningCLI links them into the model) -------
     @property
     def ehr_feature_names(self) -> list[str]:
-        return ehr_columns(table_columns(self.manifest), self.selected_ehr_columns)
+        columns = table_columns(self.manifest)
+        if self.ehr_table is None:
+            return ehr_columns(columns, self.selected_ehr_columns)
+        from_table = ehr_table_features(self.ehr_table, self.ehr_join, None)
+        if self.selected_ehr_columns is None:
+            return ehr_columns(columns) + from_table
+        return ehr_columns(columns + from_table, self.selected_ehr_columns)
+
+    def _table_features(self) -> list[str]:
+        """The chosen features that come from ``ehr_table`` (not from the manifest)."""
+        from_table = set(ehr_table_features(self.ehr_table, self.ehr_join, None))
+        return [c for c in self.ehr_feature_names if c in from_table]
 
     @property
     def n_ehr_features(self) -> int:
@@ -182,9 +337,12 @@ class CTEHRDataModule(L.LightningDataModule):
     def load_table(self) -> pd.DataFrame:
         """The validated manifest with a ``split`` and absolute ``image_path`` per row."""
         names = self.ehr_feature_names
-        df = validate_manifest(
-            read_table(self.manifest), str(self.manifest), names, self.on_bad_sample, self.problems
-        )
+        df = read_table(self.manifest)
+        if self.ehr_table is not None:
+            wanted = self._table_features()
+            ehr = read_ehr_table(self.ehr_table, self.ehr_join, wanted)
+            df = join_ehr(df, ehr, self.ehr_join, wanted, str(self.ehr_table))
+        df = validate_manifest(df, str(self.manifest), names, self.on_bad_sample, self.problems)
         if "split" not in df.columns:
             df["split"] = assign_patient_splits(
                 df, self.val_fraction, self.test_fraction, self.split_seed
@@ -206,6 +364,8 @@ class CTEHRDataModule(L.LightningDataModule):
             if self.problems.reasons:
                 log.warning("manifest %s: %s", self.manifest, self.problems.summary())
         table = self._table
+        if self.streaming and self.cache_volumes and self._cache is None:
+            log.info("streaming: volumes are read per step (cache_volumes is not used)")
         if self.ehr_stats is None:
             self.ehr_stats = self.fit_ehr_stats(table)
         wanted = {
@@ -219,11 +379,12 @@ class CTEHRDataModule(L.LightningDataModule):
             if name in self._datasets:
                 continue
             rows = self.rows_for(name)
-            if self.cache_volumes:
+            if self.cache_volumes and not self.streaming:
                 rows = self.fill_cache(rows, name)
             self._datasets[name] = CTEHRDataset(
-                rows, self.normalise_ehr(rows), ct_preprocess(self.image_size, self.hu_window),
-                self.on_bad_sample, self._cache,
+                rows, self.normalise_ehr(rows), self.pipeline(), self.on_bad_sample,
+                self._cache, self.disk_cache(rows), self.augment if name == "train" else None,
+                self.image_size,
             )  # fmt: skip
 
     def rows_for(self, name: str) -> pd.DataFrame:
@@ -247,16 +408,36 @@ class CTEHRDataModule(L.LightningDataModule):
             )
         return rows.reset_index(drop=True)
 
+    def pipeline(self):
+        """The deterministic preprocessing chain (MONAI transforms)."""
+        return ct_pipeline(self.image_size, self.hu_window, self.preprocess)
+
+    def disk_cache(self, rows: pd.DataFrame) -> AtomicPersistentDataset | None:
+        if self.cache_dir is None:
+            return None
+        key = pipeline_key(self.image_size, self.hu_window, self.preprocess)
+        return AtomicPersistentDataset(volume_items(rows), self.pipeline(), self.cache_dir, key)
+
     def fill_cache(self, rows: pd.DataFrame, name: str) -> pd.DataFrame:
-        """Decode + preprocess every volume of ``rows`` once. Bad files raise or are dropped."""
+        """Decode + preprocess every volume of ``rows`` once (through the disk cache when
+        there is one). Bad files raise or are dropped and counted."""
         if self._cache is None:
             self._cache = {}
-        transform = ct_preprocess(self.image_size, self.hu_window)
+        pipeline, disk = self.pipeline(), self.disk_cache(rows)
+        items = volume_items(rows)
         keep = np.ones(len(rows), dtype=bool)
-        todo = [(i, p) for i, p in enumerate(rows["image_path"]) if p not in self._cache]
-        for i, path in tqdm(todo, desc=f"loading {name} volumes", disable=not todo, leave=False):
+        todo = [i for i, item in enumerate(items) if cache_key(item) not in self._cache]
+        for i in tqdm(todo, desc=f"loading {name} volumes", disable=not todo, leave=False):
             try:
-                self._cache[path] = preprocess_volume(load_ct_volume(path), transform)
+                try:
+                    image = (
+                        disk[i]["image"] if disk is not None else load_volume(items[i], pipeline)
+                    )
+                except BadSampleError:
+                    raise
+                except Exception as err:
+                    raise as_bad_sample(err, items[i]["source"]) from err
+                self._cache[cache_key(items[i])] = image
             except BadSampleError as err:
                 reason = f"{err} (manifest row scan_id={rows['scan_id'].iloc[i]!r})"
                 if self.on_bad_sample == "raise":
@@ -333,14 +514,37 @@ class CTEHRDataModule(L.LightningDataModule):
         if name not in self._datasets:
             self.setup({"train": "fit", "val": "fit", "test": "test", "predict": "predict"}[name])
         ds = self._datasets[name]
-        return DataLoader(
+        if self.streaming:
+            return self._stream_loader(name, ds, shuffle, drop_last)
+        return ReportingLoader(
             ds,
+            report_name=f"{name} split",
             batch_size=self.batch_size,
             shuffle=shuffle,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
             drop_last=drop_last and len(ds) > self.batch_size,
+            collate_fn=BatchCollator(self.collate_hook),
+        )
+
+    def _stream_loader(
+        self, name: str, ds: CTEHRDataset, shuffle: bool, drop_last: bool
+    ) -> DataLoader:
+        trainer = getattr(self, "trainer", None)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (None, None)
+        stream = ShardedStream(
+            ds, shuffle=shuffle, seed=self.stream_seed, drop_last=drop_last,
+            batch_size=self.batch_size, num_workers=self.num_workers, rank=rank, world_size=world,
+        )  # fmt: skip
+        return ReportingStreamLoader(
+            stream,
+            report_name=f"{name} split",
+            epoch_fn=(lambda: trainer.current_epoch) if trainer else None,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
             collate_fn=BatchCollator(self.collate_hook),
         )
 

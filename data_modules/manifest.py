@@ -18,6 +18,7 @@ import pandas as pd
 REQUIRED_COLUMNS = ("patient_id", "scan_id", "image")
 SPLITS = ("train", "val", "test")
 EHR_PREFIX = "ehr_"
+ROI_COLUMNS = ("roi_x", "roi_y", "roi_z")
 
 
 class ManifestError(ValueError):
@@ -144,7 +145,7 @@ def validate_manifest(
         not_numeric = (label.isna() & raw.notna() & (raw.astype(str).str.strip() != "")).to_numpy()
         flag(not_numeric, lambda i: f"label {raw.iloc[i]!r} is not a number; use 0, 1 or empty")
         outside = (label.notna() & ~label.isin([0, 1])).to_numpy()
-        flag(outside, lambda i: f"label {label.iloc[i]!r} is outside {{0, 1}}; use 0, 1 or empty")
+        flag(outside, lambda i: f"label {label.iloc[i]:g} is outside {{0, 1}}; use 0, 1 or empty")
         df["label"] = label.where(label.isin([0, 1])).astype("float32")
     else:
         df["label"] = np.float32("nan")
@@ -161,6 +162,27 @@ def validate_manifest(
         infinite = np.isinf(values.to_numpy(dtype="float64", na_value=np.nan))
         flag(infinite, lambda i, col=col: f"EHR column {col!r} is infinite")
         df[col] = values.astype("float32")
+
+    roi_present = [c for c in ROI_COLUMNS if c in df.columns]
+    if roi_present and len(roi_present) < 3:
+        raise ManifestError(
+            f"manifest {source} has {roi_present} but not all of {list(ROI_COLUMNS)}; "
+            "give the ROI centre as three columns (world mm) or none"
+        )
+    for col in [*roi_present, *(["scan_time"] if "scan_time" in df.columns else [])]:
+        raw = df[col]
+        values = pd.to_numeric(raw, errors="coerce")
+        text = raw.astype(str).str.strip()
+        not_numeric = (
+            values.isna() & raw.notna() & (text != "") & (text.str.lower() != "nan")
+        ).to_numpy() | np.isinf(values.to_numpy(dtype="float64", na_value=np.nan))
+        flag(not_numeric, lambda i, col=col, raw=raw: f"{col} {raw.iloc[i]!r} is not a finite "
+             "number; leave it empty when unknown")  # fmt: skip
+        df[col] = values.astype("float64")
+    if roi_present:
+        roi = df[list(ROI_COLUMNS)].to_numpy(dtype="float64", na_value=np.nan)
+        partial = np.isnan(roi).any(1) & ~np.isnan(roi).all(1)
+        flag(partial, lambda i: "has only some of roi_x/roi_y/roi_z; give all three or none")
 
     if "split" in df.columns:
         split = df["split"].astype(str).str.strip().str.lower()

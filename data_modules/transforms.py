@@ -1,70 +1,469 @@
-"""CT volume loading and preprocessing.
+"""CT preprocessing: MONAI's readers and transforms, configured from YAML.
 
-Loading (nibabel) is ours because every failure must name the file; the intensity and
-resizing steps are MONAI's transforms.
+The chain (dictionary transforms on ``{"image": path, "roi": (x, y, z) mm or None, ...}``):
+
+1. :class:`LoadCTd` — a NIfTI file through nibabel (reoriented to RAS while reading) or a
+   folder holding one DICOM series through MONAI's ``LoadImage`` (``PydicomReader``) and
+   ``Orientation``, into a ``MetaTensor`` with its affine; every failure names the file;
+2. when ``spacing`` is set, MONAI's ``Spacing`` (trilinear, mm);
+3. :class:`CropAroundROId` — a ``crop_size`` box centred on the nodule (``roi_x/y/z`` in world
+   mm, mapped to voxels through the *current* affine), or on the foreground when the row has
+   no ROI; parts outside the scan are padded with ``pad_hu`` (air, -1024 HU);
+4. to a plain tensor, transposed to ``[1, D, H, W]`` = ``(z, y, x)``;
+5. ``ScaleIntensityRange`` (HU window -> [0, 1], clipped), ``Resize`` to ``image_size``
+   (for the default settings this is bit for bit the pre-MONAI-chain output, so the
+   quickstart results do not move).
+
+Everything up to here is deterministic and cacheable (RAM or disk, see
+:mod:`data_modules.cache`). Train-time augmentation (:class:`CTAugment`: flips, 90° turns in
+the axial plane, a small affine, intensity jitter) runs afterwards, per sample, on the
+training split only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+import json
+import logging
+import warnings
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import nibabel as nib
 import numpy as np
 import torch
-from monai.transforms import Compose, Resize, ScaleIntensityRange
+from monai.data import ImageReader, MetaTensor
+from monai.transforms import (
+    BorderPad,
+    Compose,
+    EnsureChannelFirst,
+    LoadImage,
+    MapTransform,
+    Orientation,
+    RandAffine,
+    RandFlip,
+    RandRotate90,
+    RandShiftIntensity,
+    Resized,
+    ScaleIntensityRanged,
+    Spacingd,
+    SpatialCrop,
+    Transform,
+    Transposed,
+)
+from monai.transforms.utils import generate_spatial_bounding_box
+
+RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+PREPROCESS_VERSION = 2  # bump when the chain changes in a way the config does not show
 
 
 class BadSampleError(ValueError):
     """One scan cannot be used; the message names the file and what to do."""
 
 
-def load_ct_volume(path: str | Path) -> np.ndarray:
-    """A NIfTI volume in Hounsfield units as float32 ``[D, H, W]`` (z, y, x), RAS-oriented.
+@dataclass(frozen=True)
+class CTPreprocess:
+    """The deterministic CT preprocessing, set under ``data.init_args.preprocess``.
 
-    nibabel applies the header's scale slope/intercept. Raises :class:`BadSampleError` for a
-    missing or unreadable file, an image that is not 3-D, or non-finite voxels.
+    Args:
+        orientation: axis codes every volume is reoriented to (``RAS``); ``null`` keeps the
+            file's orientation (then crops and flips follow the file's axes).
+        spacing: target voxel spacing in mm along (x, y, z); ``null`` keeps each scan's own.
+        crop_size: size in voxels (x, y, z), at the target spacing, of the box cut around the
+            ROI centre (``roi_x/roi_y/roi_z`` in mm); ``null`` keeps the whole volume.
+        roi_fallback: centre of the box when a row has no ROI: ``foreground`` (bounding box of
+            voxels above ``foreground_hu``: the body) or ``centre`` (the volume's centre).
+        foreground_hu: threshold for the ``foreground`` fallback.
+        pad_hu: value of voxels outside the scan (air).
     """
+
+    orientation: str | None = "RAS"
+    spacing: tuple[float, float, float] | None = None
+    crop_size: tuple[int, int, int] | None = None
+    roi_fallback: Literal["foreground", "centre"] = "foreground"
+    foreground_hu: float = -500.0
+    pad_hu: float = -1024.0
+
+    def __post_init__(self) -> None:
+        if self.spacing is not None and (len(self.spacing) != 3 or min(self.spacing) <= 0):
+            raise ValueError(f"preprocess.spacing must be 3 positive mm values, got {self.spacing}")
+        if self.crop_size is not None and (len(self.crop_size) != 3 or min(self.crop_size) < 1):
+            raise ValueError(
+                f"preprocess.crop_size must be 3 positive voxel counts, got {self.crop_size}"
+            )
+        if self.roi_fallback not in ("foreground", "centre"):
+            raise ValueError(
+                f"preprocess.roi_fallback must be 'foreground' or 'centre', got {self.roi_fallback!r}"
+            )
+
+
+@dataclass(frozen=True)
+class CTAugment:
+    """Train-time augmentation, set under ``data.init_args.augment`` (off in val/test/predict).
+
+    Args:
+        flip_prob: probability of flipping each axis.
+        rot90_prob: probability of a random number of 90° turns in the axial (y, x) plane.
+        affine_prob: probability of a small random affine (rotation, scaling).
+        rotate_deg: largest rotation (degrees) about each axis in the affine.
+        scale: largest relative scaling in the affine.
+        intensity_shift: largest additive shift of the windowed [0, 1] intensities.
+        intensity_prob: probability of the intensity shift.
+    """
+
+    flip_prob: float = 0.5
+    rot90_prob: float = 0.5
+    affine_prob: float = 0.0
+    rotate_deg: float = 10.0
+    scale: float = 0.1
+    intensity_shift: float = 0.05
+    intensity_prob: float = 0.5
+
+    def build(self, image_size: Sequence[int]) -> Compose:
+        """Array transforms on ``[1, D, H, W]``; seed them with ``set_random_state``."""
+        if self.rot90_prob > 0 and image_size[1] != image_size[2]:
+            raise ValueError(
+                f"augment.rot90_prob > 0 turns the axial (H, W) plane by 90°, which needs H == W; "
+                f"image_size is {list(image_size)}: set rot90_prob: 0 or a square H, W"
+            )
+        rad = float(np.deg2rad(self.rotate_deg))
+        steps = []
+        steps += [RandFlip(prob=self.flip_prob, spatial_axis=a) for a in range(3)]
+        steps.append(RandRotate90(prob=self.rot90_prob, max_k=3, spatial_axes=(1, 2)))
+        if self.affine_prob > 0:
+            steps.append(
+                RandAffine(
+                    prob=self.affine_prob,
+                    rotate_range=(rad, rad, rad),
+                    scale_range=(self.scale,) * 3,
+                    padding_mode="border",
+                    mode="bilinear",
+                )
+            )
+        if self.intensity_prob > 0 and self.intensity_shift > 0:
+            steps.append(RandShiftIntensity(offsets=self.intensity_shift, prob=self.intensity_prob))
+        return Compose(steps)
+
+
+# --- loading --------------------------------------------------------------------------------
+
+
+def file_stamp(path: str | Path) -> str:
+    """What identifies a file's content cheaply: size and mtime (ns); for a DICOM folder, the
+    names, sizes and mtimes of its files. A changed or replaced file changes the stamp."""
     path = Path(path)
-    if not path.exists():
-        raise BadSampleError(f"image {path} does not exist: fix the manifest's 'image' entry")
     try:
-        img = nib.as_closest_canonical(nib.load(str(path)))
-        data = np.asarray(img.get_fdata(dtype=np.float32))
-    except Exception as err:  # truncated gzip, bad header, not a NIfTI, ...
+        if path.is_dir():
+            h = hashlib.sha256()
+            for f in sorted(path.iterdir()):
+                st = f.stat()
+                h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+            return "dir-" + h.hexdigest()[:24]
+        st = path.stat()
+        return f"{st.st_size}-{st.st_mtime_ns}"
+    except OSError:
+        return "missing"
+
+
+def dicom_series_files(folder: Path) -> list[Path]:
+    """The DICOM files of ``folder``, after checking it holds exactly one series."""
+    import pydicom
+
+    files = [f for f in sorted(folder.iterdir()) if f.is_file() and pydicom.misc.is_dicom(f)]
+    if not files:
         raise BadSampleError(
-            f"image {path} could not be read as NIfTI ({type(err).__name__}: {err})"
-        ) from err
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise BadSampleError(f"image {path} has shape {data.shape}; a 3-D CT volume is required")
-    if not np.isfinite(data).all():
-        n_bad = int((~np.isfinite(data)).sum())
-        raise BadSampleError(f"image {path} has {n_bad} NaN/inf voxels; fix or exclude the scan")
-    return np.ascontiguousarray(data.transpose(2, 1, 0))  # (x, y, z) -> (z, y, x)
+            f"image {folder} is a folder without DICOM files (an empty or non-DICOM series): "
+            "point the manifest's 'image' at a NIfTI file or a folder holding one DICOM series"
+        )
+    series: dict[str, list[str]] = {}
+    for f in files:
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+        except Exception as err:
+            raise BadSampleError(f"DICOM file {f} could not be read ({err})") from err
+        series.setdefault(str(getattr(ds, "SeriesInstanceUID", "?")), []).append(f.name)
+        if not hasattr(ds, "ImagePositionPatient") or not hasattr(ds, "InstanceNumber"):
+            raise BadSampleError(
+                f"DICOM file {f} lacks ImagePositionPatient/InstanceNumber: the slices of "
+                f"{folder} cannot be ordered into a volume"
+            )
+    if len(series) > 1:
+        detail = ", ".join(f"{uid} ({len(v)} files, e.g. {v[0]})" for uid, v in series.items())
+        raise BadSampleError(
+            f"image folder {folder} mixes {len(series)} DICOM series: {detail}; put each series "
+            "in its own folder and give each its own manifest row"
+        )
+    return files
 
 
-def ct_preprocess(
-    image_size: Sequence[int], hu_window: Sequence[float] = (-1000.0, 400.0)
-) -> Compose:
-    """HU window -> [0, 1] (clipped), then trilinear resize to ``image_size`` (D, H, W).
+def _load_image(reader: str | ImageReader) -> LoadImage:
+    """MONAI ``LoadImage`` with ``reader`` first. Building it registers every installed reader
+    as a fallback, and the GPU DICOM decoder plugin warns (log + warning) when its optional
+    CUDA codec is absent: noise on every CPU machine, silenced here only."""
+    plugin_log = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
+    level = plugin_log.level
+    plugin_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
+            return LoadImage(reader=reader, image_only=True)
+    finally:
+        plugin_log.setLevel(level)
 
-    Works on channel-first ``[1, D, H, W]`` arrays. Spacing-aware resampling and ROI crops
-    come with the real-archive preprocessing chain.
+
+class LoadCTd(MapTransform):
+    """MONAI ``LoadImage`` for ``image`` (NIfTI file or DICOM-series folder), channel first,
+    with the checks of the data contract: file present and readable, 3-D, finite voxels.
+
+    A DICOM folder must hold one series; MONAI's ``PydicomReader`` applies rescale
+    slope/intercept, orders slices by InstanceNumber and builds the affine from the first and
+    last ImagePositionPatient, so we check here that InstanceNumber order is the spatial order.
     """
+
+    def __init__(self, keys: str = "image", axcodes: str | None = "RAS"):
+        super().__init__(keys)
+        # NIfTI: nibabel reads and, for RAS, reorients (``as_closest_canonical``) into a
+        # MetaTensor carrying the affine. MONAI's LoadImage + Orientation do the same with
+        # ~15 ms more bookkeeping per volume, which would slow the quickstart's 32^3 cohort
+        # by a third; DICOM goes through MONAI's LoadImage (PydicomReader) + Orientation.
+        self.canonical = axcodes == "RAS"
+        self.orient = Orientation(axcodes, labels=RAS_LABELS) if axcodes else None
+        self.nifti_orient = None if self.canonical else self.orient
+        self._dicom: LoadImage | None = None  # built on first use
+
+    @property
+    def dicom(self) -> LoadImage:
+        if self._dicom is None:
+            self._dicom = _load_image("PydicomReader")
+        return self._dicom
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.load(Path(d[key]))
+        return d
+
+    def read_nifti(self, path: str) -> MetaTensor:
+        img = nib.load(path)
+        if self.canonical:
+            img = nib.as_closest_canonical(img)
+        data = np.asarray(img.get_fdata(dtype=np.float32))  # scale slope/intercept applied
+        return MetaTensor(
+            torch.from_numpy(data), affine=torch.as_tensor(img.affine, dtype=torch.float64)
+        )
+
+    def load(self, path: Path) -> torch.Tensor:
+        if not path.exists():
+            raise BadSampleError(f"image {path} does not exist: fix the manifest's 'image' entry")
+        if path.is_dir():
+            files = dicom_series_files(path)
+            self._check_dicom_order(path, files)
+            loader, kind, orient = self.dicom, "a DICOM series", self.orient
+        else:
+            loader, kind, orient = self.read_nifti, "NIfTI", self.nifti_orient
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                img = loader(str(path))
+        except Exception as err:  # truncated gzip, bad header, not an image, ...
+            cause = err.__cause__ or err
+            raise BadSampleError(
+                f"image {path} could not be read as {kind} ({type(cause).__name__}: {cause})"
+            ) from err
+        while img.ndim > 3 and img.shape[-1] == 1:
+            img = img[..., 0]
+        if img.ndim != 3:
+            raise BadSampleError(
+                f"image {path} has shape {tuple(img.shape)}; a 3-D CT volume is required"
+            )
+        img = EnsureChannelFirst(channel_dim="no_channel")(img)
+        finite = torch.isfinite(img.as_tensor() if hasattr(img, "as_tensor") else img)
+        if not bool(finite.all()):
+            n_bad = int((~finite).sum())
+            raise BadSampleError(
+                f"image {path} has {n_bad} NaN/inf voxels; fix or exclude the scan"
+            )
+        img = img.float() if img.dtype != torch.float32 else img
+        return orient(img) if orient is not None else img
+
+    @staticmethod
+    def _check_dicom_order(folder: Path, files: list[Path]) -> None:
+        import pydicom
+
+        heads = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+        if len(heads) < 2:
+            raise BadSampleError(
+                f"image folder {folder} holds a single DICOM slice; a 3-D series is required"
+            )
+        ori = np.asarray(heads[0].ImageOrientationPatient, dtype=float)
+        normal = np.cross(ori[:3], ori[3:])
+        by_number = sorted(heads, key=lambda h: int(h.InstanceNumber))
+        pos = np.array(
+            [np.dot(normal, np.asarray(h.ImagePositionPatient, float)) for h in by_number]
+        )
+        steps = np.diff(pos)
+        if not (np.all(steps > 0) or np.all(steps < 0)) or not np.allclose(
+            steps, steps[0], rtol=1e-3, atol=1e-3
+        ):
+            raise BadSampleError(
+                f"image folder {folder}: slices ordered by InstanceNumber are not equally spaced "
+                "along the slice normal (missing slices, duplicates or renumbered files); "
+                "re-export the series"
+            )
+
+
+# --- ROI crop ---------------------------------------------------------------------------------
+
+
+def roi_voxel_centre(affine: np.ndarray, roi_mm: Sequence[float]) -> np.ndarray:
+    """World (mm) -> continuous voxel index through the inverse affine."""
+    return (np.linalg.inv(np.asarray(affine, dtype=np.float64)) @ np.r_[roi_mm, 1.0])[:3]
+
+
+class CropAroundROId(MapTransform):
+    """A fixed-size box around the ROI centre (world mm) or, without ROI, the foreground centre.
+
+    MONAI's ``SpatialCrop`` clips a box at the volume's border; the clipped part is put back
+    with ``BorderPad`` (constant ``pad_hu``) so the ROI stays at the centre of the output.
+    """
+
+    def __init__(
+        self,
+        keys: str,
+        roi_key: str,
+        size: Sequence[int],
+        fallback: str = "foreground",
+        foreground_hu: float = -500.0,
+        pad_hu: float = -1024.0,
+    ):
+        super().__init__(keys)
+        self.roi_key, self.size = roi_key, np.asarray(size, dtype=int)
+        self.fallback, self.foreground_hu, self.pad_hu = fallback, foreground_hu, pad_hu
+
+    def centre(self, img: torch.Tensor, roi: Any, source: str) -> np.ndarray:
+        shape = np.asarray(img.shape[1:])
+        if roi is not None and np.all(np.isfinite(np.asarray(roi, dtype=float))):
+            centre = roi_voxel_centre(img.affine, roi)
+            if np.any(centre < -0.5) or np.any(centre > shape - 0.5):
+                raise BadSampleError(
+                    f"image {source}: ROI centre {tuple(float(v) for v in roi)} mm lies outside "
+                    f"the scan (voxel {np.round(centre, 1).tolist()} of shape {shape.tolist()}); "
+                    "roi_x/roi_y/roi_z must be world (scanner) coordinates in mm, not voxels"
+                )
+            return centre
+        if self.fallback == "foreground":
+            start, end = generate_spatial_bounding_box(img, lambda x: x > self.foreground_hu)
+            if np.all(np.asarray(end) > np.asarray(start)):
+                return (np.asarray(start) + np.asarray(end) - 1) / 2.0
+        return (shape - 1) / 2.0
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            centre = self.centre(img, d.get(self.roi_key), str(d.get("source", "?")))
+            shape = np.asarray(img.shape[1:])
+            start = np.rint(centre).astype(int) - self.size // 2
+            end = start + self.size
+            lo, hi = np.clip(start, 0, shape), np.clip(end, 0, shape)
+            out = SpatialCrop(roi_start=lo.tolist(), roi_end=hi.tolist())(img)
+            border = np.stack([lo - start, end - hi], 1).reshape(-1)
+            if border.any():
+                out = BorderPad(border.tolist(), mode="constant", value=self.pad_hu)(out)
+            d[key] = out
+        return d
+
+
+class ToPlainTensord(MapTransform):
+    """MetaTensor -> contiguous float32 tensor without metadata (small to cache, cheap to collate)."""
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            out = d[key]
+            out = out.as_tensor() if hasattr(out, "as_tensor") else torch.as_tensor(out)
+            d[key] = out.to(torch.float32).contiguous()
+        return d
+
+
+# --- the chain ---------------------------------------------------------------------------------
+
+
+def ct_pipeline(
+    image_size: Sequence[int],
+    hu_window: Sequence[float] = (-1000.0, 400.0),
+    preprocess: CTPreprocess | None = None,
+) -> Compose:
+    """The deterministic chain, from ``{"image": path, "roi": ...}`` to ``{"image": [1, D, H, W]}``."""
+    p = preprocess or CTPreprocess()
     lo, hi = hu_window
-    return Compose(
-        [
-            ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True),
-            Resize(spatial_size=tuple(image_size), mode="trilinear", anti_aliasing=False),
-        ]
-    )
+    steps: list[Transform] = [LoadCTd("image", p.orientation)]  # reads, checks, orients
+    if p.spacing is not None:
+        steps.append(
+            Spacingd("image", pixdim=tuple(p.spacing), mode="bilinear", padding_mode="border")
+        )
+    if p.crop_size is not None:
+        steps.append(
+            CropAroundROId("image", "roi", p.crop_size, p.roi_fallback, p.foreground_hu, p.pad_hu)
+        )
+    steps += [
+        # Geometry is settled: drop the metadata (MetaTensor bookkeeping costs more than the
+        # window and resize themselves on small volumes), go to (z, y, x) = (D, H, W).
+        ToPlainTensord("image"),
+        Transposed("image", indices=(0, 3, 2, 1)),
+        ScaleIntensityRanged("image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True),
+        Resized("image", spatial_size=tuple(image_size), mode="trilinear", anti_aliasing=False),
+        ToPlainTensord("image"),
+    ]
+    return Compose(steps)
 
 
-def preprocess_volume(volume_hu: np.ndarray, transform: Compose) -> torch.Tensor:
-    """``[D, H, W]`` HU -> ``[1, *image_size]`` float32 tensor (plain tensor, no metadata)."""
-    out = transform(torch.from_numpy(volume_hu)[None])
-    if hasattr(out, "as_tensor"):  # MONAI MetaTensor -> plain tensor (cheaper to collate)
-        out = out.as_tensor()
-    return torch.as_tensor(out, dtype=torch.float32).contiguous()
+def pipeline_key(
+    image_size: Sequence[int], hu_window: Sequence[float], preprocess: CTPreprocess | None
+) -> str:
+    """A digest of everything the deterministic chain's output depends on besides the file.
+
+    MONAI's own ``hash_transform`` falls back to transform *class names* when the transforms
+    are not JSON-serialisable (they never are), so a changed spacing would read a stale
+    cache; we hash the configuration instead.
+    """
+    cfg = {
+        "version": PREPROCESS_VERSION,
+        "image_size": [int(s) for s in image_size],
+        "hu_window": [float(v) for v in hu_window],
+        "preprocess": asdict(preprocess or CTPreprocess()),
+    }
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def volume_item(path: str | Path, roi: Sequence[float] | None = None) -> dict[str, Any]:
+    """The dict the chain reads: the file, its ROI (or None) and its content stamp (for the
+    cache key: a re-exported file gets a new cache entry)."""
+    roi_t = None
+    if roi is not None and np.all(np.isfinite(np.asarray(roi, dtype=float))):
+        roi_t = tuple(float(v) for v in roi)
+    return {"image": str(path), "source": str(path), "roi": roi_t, "stamp": file_stamp(path)}
+
+
+def load_volume(item: Mapping[str, Any], pipeline: Compose) -> torch.Tensor:
+    """Run the chain on one item; any failure becomes a :class:`BadSampleError` naming the file."""
+    try:
+        return pipeline(dict(item))["image"]
+    except Exception as err:
+        raise as_bad_sample(err, item["source"]) from err
+
+
+def as_bad_sample(err: BaseException, source: str) -> BadSampleError:
+    """MONAI wraps a transform's exception in ``RuntimeError('applying transform ...')``:
+    find ours in the chain, or describe the underlying one with the file's name."""
+    e: BaseException | None = err
+    while e is not None:
+        if isinstance(e, BadSampleError):
+            return e
+        e = e.__cause__
+    root = err
+    while root.__cause__ is not None:
+        root = root.__cause__
+    return BadSampleError(f"image {source} failed preprocessing ({type(root).__name__}: {root})")

@@ -1,0 +1,271 @@
+"""Check a whole archive before training: ``python -m data_modules.validate MANIFEST [--ehr TABLE]``.
+
+Runs every check of the data contract that does not need the voxels — columns and types,
+duplicate ``scan_id``, patients in two splits, labels, EHR values, ROI columns — then opens
+every image's *header* (NIfTI) or every slice header (DICOM folder): present, readable,
+3-D, spacing, orientation, and, for ``.nii.gz``, a truncation check (gzip's stored length
+against the header's data size, read from the file's last 4 bytes: no decompression). With
+``--decode`` each volume is also decoded (NaN/inf voxels, corrupt data): slow but complete.
+
+Prints a report (counts, each problem with its rows, spacing/size/orientation summary) and
+exits non-zero when anything is wrong, so it can gate a training job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from tqdm.auto import tqdm
+
+from data_modules.ehr_table import KEYS, ehr_table_features, join_ehr, read_ehr_table
+from data_modules.manifest import (
+    ManifestError,
+    RowProblems,
+    ehr_columns,
+    read_table,
+    resolve_image_paths,
+    validate_manifest,
+)
+from data_modules.transforms import BadSampleError, LoadCTd, dicom_series_files
+
+
+@dataclass
+class ImageInfo:
+    shape: tuple[int, ...] | None = None
+    spacing: tuple[float, ...] | None = None
+    orientation: str | None = None
+    problem: str | None = None
+
+
+@dataclass
+class Report:
+    manifest: str
+    n_rows: int = 0
+    counts: dict[str, Any] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    images: dict[str, ImageInfo] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> dict[str, Any]:
+        good = [i for i in self.images.values() if i.problem is None and i.shape is not None]
+        out: dict[str, Any] = {
+            "manifest": self.manifest,
+            "ok": self.ok,
+            "rows": self.n_rows,
+            **self.counts,
+            "n_problems": len(self.problems),
+            "problems": self.problems,
+        }
+        if good:
+            sp = np.array([i.spacing for i in good], dtype=float)
+            sh = np.array([i.shape for i in good], dtype=float)
+            out["spacing_mm"] = {
+                axis: {"min": float(sp[:, a].min()), "median": float(np.median(sp[:, a])), "max": float(sp[:, a].max())}
+                for a, axis in enumerate("xyz")
+            }  # fmt: skip
+            out["size_voxels"] = {
+                axis: {"min": int(sh[:, a].min()), "median": float(np.median(sh[:, a])), "max": int(sh[:, a].max())}
+                for a, axis in enumerate("xyz")
+            }  # fmt: skip
+            out["orientation"] = dict(Counter(i.orientation for i in good).most_common())
+        return out
+
+    def markdown(self) -> str:
+        s = self.summary()
+        lines = [f"# Archive check: {self.manifest}", ""]
+        lines.append(f"**{'OK' if self.ok else 'PROBLEMS FOUND'}** — {s['rows']} rows")
+        for key in (
+            "patients",
+            "images_checked",
+            "labelled",
+            "splits",
+            "cohorts",
+            "ehr_features",
+            "ehr_rows_matched",
+        ):
+            if key in s:
+                lines.append(f"- {key}: {s[key]}")
+        if "spacing_mm" in s:
+            lines += ["", "| axis | spacing min | median | max (mm) | size min | median | max |",
+                      "|---|---|---|---|---|---|---|"]  # fmt: skip
+            for a in "xyz":
+                sp, sz = s["spacing_mm"][a], s["size_voxels"][a]
+                lines.append(
+                    f"| {a} | {sp['min']:.3g} | {sp['median']:.3g} | {sp['max']:.3g} | "
+                    f"{sz['min']} | {sz['median']:.0f} | {sz['max']} |"
+                )
+            lines.append(f"\norientation (axis codes): {s['orientation']}")
+        if self.problems:
+            lines += ["", f"## {len(self.problems)} problem(s)", ""]
+            lines += [f"- {p}" for p in self.problems[:200]]
+            if len(self.problems) > 200:
+                lines.append(f"- ... and {len(self.problems) - 200} more (see --json)")
+        return "\n".join(lines)
+
+
+def nifti_header_info(path: Path) -> ImageInfo:
+    """Shape, spacing, orientation from the header; truncation from gzip's stored length."""
+    try:
+        img = nib.load(str(path))
+    except Exception as err:
+        return ImageInfo(problem=f"image {path} could not be read as NIfTI ({err})")
+    shape = tuple(int(s) for s in img.shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) != 3:
+        return ImageInfo(problem=f"image {path} has shape {shape}; a 3-D CT volume is required")
+    hdr = img.header
+    if str(path).endswith(".gz"):
+        # A loaded header may report offset 0; a single file's data starts at >= 352 (NIfTI-1).
+        offset = max(int(hdr.get_data_offset()), int(getattr(hdr, "single_vox_offset", 0)))
+        expected = offset + int(np.prod(img.shape)) * hdr.get_data_dtype().itemsize
+        with open(path, "rb") as fh:
+            fh.seek(-4, 2)
+            stored = int.from_bytes(fh.read(4), "little")
+        if stored != expected % 2**32:
+            return ImageInfo(
+                problem=f"image {path} is truncated or corrupt (gzip holds {stored} bytes, the "
+                f"header needs {expected}); re-export or re-copy it"
+            )
+    zooms = tuple(float(z) for z in hdr.get_zooms()[:3])
+    if not all(np.isfinite(z) and z > 0 for z in zooms) or not np.isfinite(img.affine).all():
+        return ImageInfo(
+            problem=f"image {path} has voxel spacing {zooms} / a non-finite affine; fix its header"
+        )
+    return ImageInfo(shape=shape, spacing=zooms, orientation="".join(nib.aff2axcodes(img.affine)))
+
+
+def dicom_header_info(path: Path) -> ImageInfo:
+    import pydicom
+
+    try:
+        files = dicom_series_files(path)
+        LoadCTd._check_dicom_order(path, files)
+    except BadSampleError as err:
+        return ImageInfo(problem=str(err))
+    first = pydicom.dcmread(files[0], stop_before_pixels=True)
+    ori = np.asarray(first.ImageOrientationPatient, float)
+    normal = np.cross(ori[:3], ori[3:])
+    pos = sorted(
+        float(np.dot(normal, pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient))
+        for f in files
+    )
+    step = float(np.median(np.diff(pos)))
+    row, col = (float(v) for v in first.PixelSpacing)
+    lps = np.eye(4)
+    # i runs along a row (direction ori[:3], column spacing), j down a column (ori[3:]).
+    lps[:3, 0], lps[:3, 1], lps[:3, 2] = ori[:3] * col, ori[3:] * row, normal * step
+    ras = np.diag([-1, -1, 1, 1]) @ lps
+    return ImageInfo(
+        shape=(int(first.Columns), int(first.Rows), len(files)),
+        spacing=(col, row, step),
+        orientation="".join(nib.aff2axcodes(ras)),
+    )
+
+
+def check_archive(
+    manifest: str | Path,
+    ehr_table: str | None = None,
+    ehr_join: str = "scan_id",
+    ehr_cols: list[str] | None = None,
+    decode: bool = False,
+    progress: bool = True,
+) -> Report:
+    """Every check, collecting problems instead of stopping at the first."""
+    report = Report(str(manifest))
+    try:
+        df = read_table(manifest)
+        report.n_rows = len(df)
+        names = ehr_columns(list(df.columns), None if ehr_table else ehr_cols)
+        if ehr_table is not None:
+            extra = ehr_table_features(ehr_table, ehr_join, None)
+            if ehr_cols is not None:
+                names = [c for c in ehr_cols if c in df.columns]
+                extra = [c for c in ehr_cols if c not in df.columns]
+                ehr_table_features(ehr_table, ehr_join, extra)  # each must exist
+            table = read_ehr_table(ehr_table, ehr_join, extra)
+            df = join_ehr(df, table, ehr_join, extra, ehr_table)
+            names = names + extra
+            matched = df[extra].notna().any(axis=1).mean() if extra else 0.0
+            report.counts["ehr_rows_matched"] = f"{matched:.1%} of scans have an EHR record"
+        problems = RowProblems()
+        clean = validate_manifest(df, str(manifest), names, "skip", problems)
+    except ManifestError as err:
+        report.problems.append(str(err))
+        return report
+    report.problems += problems.reasons
+    report.counts.update(
+        patients=int(clean["patient_id"].nunique()),
+        labelled=int(clean["label"].notna().sum()),
+        cohorts=clean["cohort"].value_counts().to_dict(),
+        ehr_features=len(names),
+    )
+    if "split" in clean.columns:
+        report.counts["splits"] = clean["split"].value_counts().to_dict()
+    if not names:
+        report.problems.append(
+            f"manifest {manifest} has no EHR feature column (ehr_* or --ehr TABLE); "
+            "CTEHRDataModule needs at least one"
+        )
+    clean["image_path"] = resolve_image_paths(clean, manifest)
+    loader = LoadCTd("image") if decode else None
+    paths = clean["image_path"].tolist()
+    for i, path in enumerate(tqdm(paths, desc="checking images", disable=not progress)):
+        p = Path(path)
+        if path in report.images:
+            info = report.images[path]
+        elif not p.exists():
+            info = ImageInfo(problem=f"image {p} does not exist: fix the manifest's 'image' entry")
+        elif p.is_dir():
+            info = dicom_header_info(p)
+        else:
+            info = nifti_header_info(p)
+        if info.problem is None and loader is not None and path not in report.images:
+            try:
+                loader.load(p)
+            except BadSampleError as err:
+                info = ImageInfo(problem=str(err))
+        report.images[path] = info
+        if info.problem is not None:
+            report.problems.append(
+                f"row {i} (scan_id={clean['scan_id'].iloc[i]!r}): {info.problem}"
+            )
+    report.counts["images_checked"] = len(report.images)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m data_modules.validate",
+        description="Check a CT + EHR archive against the data contract before training.",
+    )
+    parser.add_argument("manifest", help="manifest table (.csv or .parquet)")
+    parser.add_argument("--ehr", help="EHR table joined onto the manifest (.csv or .parquet)")
+    parser.add_argument("--ehr-join", choices=list(KEYS), default="scan_id")
+    parser.add_argument("--ehr-columns", nargs="+", help="EHR feature columns (default: all)")
+    parser.add_argument("--decode", action="store_true", help="also decode every volume (slow)")
+    parser.add_argument("--json", help="also write the report as JSON here")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    report = check_archive(
+        args.manifest, args.ehr, args.ehr_join, args.ehr_columns, args.decode, not args.no_progress
+    )
+    print(report.markdown())
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.summary(), indent=2, default=str))
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""EHR features from a second table: exact scan_id join, nearest earlier record per patient,
+missing stays missing, bad tables named."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from data_modules.ct_ehr import CTEHRDataModule
+from data_modules.manifest import ManifestError
+from tests.ct_fixtures import blob_volume, write_manifest, write_nifti
+
+
+@pytest.fixture
+def archive(tmp_path):
+    """Four scans of two patients (p0 at days 10 and 50, p1 at days 5 and 30), no EHR in the
+    manifest except one ``ehr_f0`` column."""
+    rows = []
+    for i, (pid, t, split) in enumerate([("p0", 10, "train"), ("p0", 50, "train"),
+                                         ("p1", 5, "val"), ("p1", 30, "val")]):  # fmt: skip
+        write_nifti(tmp_path / f"{i}.nii.gz", blob_volume(), np.eye(4))
+        rows.append({"image": f"{i}.nii.gz", "patient_id": pid, "scan_time": t, "split": split})
+    return write_manifest(tmp_path, rows, n_ehr=1)
+
+
+def _dm(manifest, table, join, **kw):
+    return CTEHRDataModule(str(manifest), image_size=8, batch_size=4, ehr_table=str(table),
+                           ehr_join=join, **kw)  # fmt: skip
+
+
+def _raw_ehr(dm) -> pd.DataFrame:
+    dm.setup("fit")
+    return dm._table.set_index("scan_id")[dm.ehr_feature_names]
+
+
+def test_join_on_scan_id_keeps_missing_missing(archive, tmp_path):
+    table = pd.DataFrame({"scan_id": ["s0", "s1", "s2"], "crp": [1.0, np.nan, 3.0],
+                          "smoker": [1, 0, 1]})  # fmt: skip
+    table.to_parquet(tmp_path / "ehr.parquet")
+    dm = _dm(archive, tmp_path / "ehr.parquet", "scan_id")
+    assert dm.ehr_feature_names == ["ehr_f0", "crp", "smoker"] and dm.n_ehr_features == 3
+    raw = _raw_ehr(dm)
+    assert raw.loc["s0", "crp"] == 1.0 and np.isnan(raw.loc["s1", "crp"])
+    assert raw.loc["s3"][["crp", "smoker"]].isna().all()  # no row for s3: missing, not 0
+    batch = next(iter(dm.val_dataloader()))
+    i = batch["scan_id"].index("s3")
+    assert batch["ehr_missing"][i].tolist() == [False, True, True]
+    assert torch.isnan(batch["ehr"][i, 1:]).all()
+
+
+def test_nearest_earlier_record_per_patient(archive, tmp_path):
+    table = pd.DataFrame({
+        "patient_id": ["p0", "p0", "p0", "p1"],
+        "scan_time": [0.0, 45.0, 60.0, 10.0],  # 60 is after every p0 scan; p1's is after day 5
+        "hba1c": [5.0, 6.0, 9.9, 7.0],
+    })  # fmt: skip
+    table.to_csv(tmp_path / "ehr.csv", index=False)
+    raw = _raw_ehr(_dm(archive, tmp_path / "ehr.csv", "nearest_before", ehr_columns=["hba1c"]))
+    assert raw.loc["s0", "hba1c"] == 5.0  # day 10 <- day 0
+    assert raw.loc["s1", "hba1c"] == 6.0  # day 50 <- day 45, never day 60 (the future)
+    assert np.isnan(raw.loc["s2", "hba1c"])  # day 5: p1 has nothing earlier
+    assert raw.loc["s3", "hba1c"] == 7.0
+
+
+def test_bad_ehr_tables_are_named(archive, tmp_path):
+    bad = pd.DataFrame({"scan_id": ["s0", "s1"], "crp": ["1.0", "high"]})
+    bad.to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(ManifestError, match=r"bad\.csv: row 1 column 'crp' holds 'high'"):
+        _dm(archive, tmp_path / "bad.csv", "scan_id").setup("fit")
+    dup = pd.DataFrame({"scan_id": ["s0", "s0"], "crp": [1.0, 2.0]})
+    dup.to_csv(tmp_path / "dup.csv", index=False)
+    with pytest.raises(
+        ManifestError, match=r"dup\.csv: key .*s0.* more than once \(rows \[0, 1\]\)"
+    ):
+        _dm(archive, tmp_path / "dup.csv", "scan_id").setup("fit")
+    nokey = pd.DataFrame({"patient_id": ["p0"], "crp": [1.0]})
+    nokey.to_csv(tmp_path / "nokey.csv", index=False)
+    with pytest.raises(ManifestError, match=r"lacks key column\(s\) \['scan_time'\]"):
+        _ = _dm(archive, tmp_path / "nokey.csv", "nearest_before").n_ehr_features
+    with pytest.raises(ManifestError, match="does not exist"):
+        _ = _dm(archive, tmp_path / "absent.csv", "scan_id").n_ehr_features
+    with pytest.raises(ManifestError, match=r"\['nope'\] are not in"):
+        _ = _dm(archive, tmp_path / "bad.csv", "scan_id", ehr_columns=["nope"]).n_ehr_features
+
+
+def test_integer_ids_in_parquet_match_text_ids_in_csv(tmp_path):
+    write_nifti(tmp_path / "a.nii.gz", blob_volume(), np.eye(4))
+    rows = [{"image": "a.nii.gz", "scan_id": 7, "patient_id": 1, "split": s} for s in ("train",)]
+    rows.append({"image": "a.nii.gz", "scan_id": 8, "patient_id": 2, "split": "val"})
+    manifest = write_manifest(tmp_path, rows, name="m.parquet", n_ehr=1)
+    pd.DataFrame({"scan_id": ["7", "8"], "crp": [1.5, 2.5]}).to_csv(tmp_path / "e.csv", index=False)
+    raw = _raw_ehr(_dm(manifest, tmp_path / "e.csv", "scan_id"))
+    assert raw["crp"].to_dict() == {"7": 1.5, "8": 2.5}
