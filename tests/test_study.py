@@ -93,13 +93,32 @@ def _micro_study(cohort: Path, out: Path) -> dict:
     }
 
 
-def test_study_micro_grid_writes_table_and_plots_then_resumes(tiny_cohort, tmp_path, capsys):
-    cfg = tmp_path / "micro.yaml"
-    out = tmp_path / "study"
+@pytest.fixture(scope="module")
+def micro_study(tiny_cohort, tmp_path_factory):
+    """A 2-run study (JEPA linear probe vs supervised from scratch), run once per module."""
+    tmp = tmp_path_factory.mktemp("micro")
+    cfg, out = tmp / "micro.yaml", tmp / "study"
     cfg.write_text(yaml.safe_dump(_micro_study(tiny_cohort, out)))
-    assert study.main(["--config", str(cfg), "--dry-run"]) is None
-    assert "2 runs: 0 done, 2 to run" in capsys.readouterr().out
+    listing = study.run_status(load_study(cfg))
     table = study.main(["--config", str(cfg)])
+    return cfg, out, table, listing
+
+
+def test_dry_run_lists_runs_and_runs_nothing(tiny_cohort, tmp_path, capsys):
+    cfg = tmp_path / "micro.yaml"
+    cfg.write_text(yaml.safe_dump(_micro_study(tiny_cohort, tmp_path / "study")))
+    assert study.main(["--config", str(cfg), "--dry-run"]) is None
+    log = capsys.readouterr().out
+    assert "todo  pretrain jepa" in log and "todo  supervised__scratch__f0.5__s0" in log
+    assert "2 runs: 0 done, 2 to run" in log
+    assert not (tmp_path / "study").exists()
+
+
+def test_study_micro_grid_writes_table_and_plots_then_resumes(micro_study, tiny_cohort, capsys):
+    cfg, out, table, listing = micro_study
+    assert [r.run_id for r, done in listing] == [
+        "jepa__linear_probe__f0.5__s0", "supervised__scratch__f0.5__s0",
+    ]  # fmt: skip
     for name in ("results.csv", "results.md", "roc_internal.png", "roc_external.png", "tsne.png"):
         assert (out / name).stat().st_size > 0, name
     assert set(table["cohort"]) == {"internal", "external"}
@@ -174,14 +193,8 @@ def test_quick_study_config_is_valid():
 
 
 # --- encoder inspection ---------------------------------------------------------------------
-def test_inspect_encoder_writes_pngs(tiny_cohort, tmp_path):
-    run = tmp_path / "pretrain"
-    main(
-        ["fit", "--config", PRETRAIN, f"--trainer.default_root_dir={run}",
-         f"--trainer.logger.init_args.save_dir={run}", "--trainer.max_epochs=1",
-         *tiny_data_args(tiny_cohort), *QUIET]
-    )  # fmt: skip
-    ckpt = run / "checkpoints" / "last.ckpt"
+def test_inspect_encoder_writes_pngs(micro_study, tiny_cohort, tmp_path):
+    ckpt = micro_study[1] / "pretrain" / "jepa" / "checkpoints" / "last.ckpt"
     out = tmp_path / "inspect"
     paths = inspect_encoder.main(
         ["--ckpt", str(ckpt), "--manifest", str(tiny_cohort / "manifest.parquet"),
