@@ -137,6 +137,8 @@ def render(
     size = tuple(images.shape[-3:])
     rgb = upsample(pca_rgb(emb), size)  # [B, 3, D, H, W]
     sim = upsample(anchor_similarity(emb, anchor)[:, None], size)[:, 0]  # [B, D, H, W]
+    # One colour scale for all scans, from the lowest similarity shown (1st percentile) to 1.
+    sim_lo = min(float(torch.quantile(sim.flatten()[::7], 0.01)), 0.9)
     anchor_z = anchor[0] * patch[0] + patch[0] // 2
     zs = _slices(size[0], anchor_z, n_slices)
     out.mkdir(parents=True, exist_ok=True)
@@ -158,7 +160,7 @@ def render(
                 else:
                     ax_map.imshow(ct, cmap="gray", vmin=0, vmax=1)
                     shown = ax_map.imshow(
-                        sim[i, z].numpy(), cmap="magma", vmin=-1, vmax=1, alpha=0.75
+                        sim[i, z].numpy(), cmap="magma", vmin=sim_lo, vmax=1, alpha=0.75
                     )
                     ax_map.set_title("cosine sim. to anchor", fontsize=7)
                     if z // patch[0] == anchor[0]:
