@@ -224,6 +224,7 @@ def run_study(study: Study) -> list[Run]:
     )
     ran: list[Run] = []
     t_start = time.perf_counter()
+    run_seconds = 0.0  # downstream runs only, so the estimate excludes pretraining
     for run in runs:
         folder = run_folder(study, run)
         p = study.protocols[run.protocol]
@@ -237,7 +238,8 @@ def run_study(study: Study) -> list[Run]:
         result = execute_run(study, run, init_from)
         ran.append(run)
         elapsed = time.perf_counter() - t_start
-        eta = elapsed / k * (len(todo) - k)
+        run_seconds += result["seconds"]
+        eta = run_seconds / k * (len(todo) - k)
         _say(
             f"({k}/{len(todo)}) {run.run_id}: done in {result['seconds']:.0f} s "
             f"(elapsed {elapsed / 60:.1f} min, about {eta / 60:.1f} min left)"
