@@ -228,6 +228,11 @@ def test_pca_and_similarity_maps_on_known_embeddings():
     assert rgb.shape == (1, 3, 2, 2, 4) and rgb.min() >= 0 and rgb.max() <= 1
     left, right = rgb[0, 0, ..., :2].mean(), rgb[0, 0, ..., 2:].mean()
     assert abs(left - right) > 0.8
+    with pytest.raises(ValueError, match="two scans"):
+        inspect_encoder.pca_rgb(emb, per_position=True)
+    two = torch.cat([emb, emb.flip(-2)])  # second scan: the two kinds swapped
+    rgb = inspect_encoder.pca_rgb(two, per_position=True)
+    assert abs(rgb[0, 0, ..., :2].mean() - rgb[1, 0, ..., :2].mean()) > 0.8
     sim = inspect_encoder.anchor_similarity(emb, (0, 0, 0))
     assert sim[0, 0, 0, 0] == pytest.approx(1.0)
     assert sim[0, ..., :2].min() > 0.9 and sim[0, ..., 2:].max() < 0.1

@@ -7,9 +7,12 @@ These are the pictures the SSL-objective literature uses to show what an encoder
 to tell apart: (1) the first three principal components of every patch embedding (fitted
 jointly over all shown scans, so a colour means the same thing in every scan) as RGB,
 upsampled to the slice; (2) the cosine similarity of every patch embedding to one anchor
-patch (default: the centre patch, the nodule in nodule-centred crops). A good encoder
-paints the nodule and parenchyma in distinct, consistent colours and lights up similar
-tissue from the anchor; a collapsed one is one flat colour.
+patch (default: the centre patch; choose one on a nodule with ``--anchor z,y,x``). A good
+encoder paints the nodule and parenchyma in distinct, consistent colours and lights up
+similar tissue from the anchor; a collapsed one is one flat colour. An encoder early in
+training is dominated by its positional embedding (smooth colour ramps across the slice);
+``--per-position`` subtracts each patch position's mean over the shown scans before the PCA,
+leaving what differs between scans (content).
 
 Works for any checkpoint of this framework whose backbone is the shared
 :class:`~jepa_lightning.backbones.MultimodalEncoder` (MultimodalJEPA: its EMA target encoder
@@ -94,9 +97,14 @@ def patch_embeddings(
     return img.reshape(len(img), *encoder.grid, img.shape[-1])
 
 
-def pca_rgb(emb: torch.Tensor) -> torch.Tensor:
+def pca_rgb(emb: torch.Tensor, per_position: bool = False) -> torch.Tensor:
     """First three principal components of all patches of all scans, each scaled to [0, 1]
-    by its 1st..99th percentile: ``[B, 3, gd, gh, gw]``."""
+    by its 1st..99th percentile: ``[B, 3, gd, gh, gw]``. ``per_position`` first removes each
+    grid position's mean over the scans (needs >= 2 scans)."""
+    if per_position:
+        if len(emb) < 2:
+            raise ValueError("--per-position needs at least two scans (--n-scans >= 2)")
+        emb = emb - emb.mean(0, keepdim=True)
     b, *grid, c = emb.shape
     x = emb.reshape(-1, c).double()
     x = x - x.mean(0)
@@ -132,10 +140,11 @@ def render(
     out: Path,
     n_slices: int = 2,
     title: str = "",
+    per_position: bool = False,
 ) -> list[Path]:
     """Write ``pca.png`` and ``similarity.png``: one row per scan, per slice the CT and the map."""
     size = tuple(images.shape[-3:])
-    rgb = upsample(pca_rgb(emb), size)  # [B, 3, D, H, W]
+    rgb = upsample(pca_rgb(emb, per_position), size)  # [B, 3, D, H, W]
     sim = upsample(anchor_similarity(emb, anchor)[:, None], size)[:, 0]  # [B, D, H, W]
     # One colour scale for all scans, from the lowest similarity shown (1st percentile) to 1.
     sim_lo = min(float(torch.quantile(sim.flatten()[::7], 0.01)), 0.9)
@@ -196,6 +205,7 @@ def inspect(
     anchor: tuple[int, int, int] | None = None,
     encoder_kind: str = "target",
     with_ehr: bool = False,
+    per_position: bool = False,
 ) -> list[Path]:
     """Render the two figures for the first ``n_scans`` scans of ``split`` of ``manifest``."""
     encoder, hp, data_state = load_encoder(ckpt, encoder_kind)
@@ -232,7 +242,7 @@ def inspect(
     patch = tuple(s // g for s, g in zip(batch["image"].shape[-3:], grid, strict=True))
     return render(
         batch["image"], [s["scan_id"] for s in samples], emb, anchor, patch, Path(out),
-        n_slices, f"{Path(ckpt).name} ({encoder_kind} encoder)",
+        n_slices, f"{Path(ckpt).name} ({encoder_kind} encoder)", per_position,
     )  # fmt: skip
 
 
@@ -249,6 +259,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--anchor", default=None, help="anchor patch z,y,x (default: centre)")
     parser.add_argument("--encoder", default="target", choices=["target", "online"])
     parser.add_argument("--with-ehr", action="store_true", help="let image tokens attend to EHR")
+    parser.add_argument(
+        "--per-position", action="store_true", help="PCA after removing each position's mean"
+    )
     args = parser.parse_args(argv)
     anchor = None
     if args.anchor:
@@ -258,7 +271,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
             parser.error(f"--anchor must be three integers z,y,x, got {args.anchor!r}")
     paths = inspect(
         args.ckpt, args.manifest, args.out, args.split, args.n_scans, args.n_slices, anchor,
-        args.encoder, args.with_ehr,
+        args.encoder, args.with_ehr, args.per_position,
     )  # fmt: skip
     for p in paths:
         print(f"wrote {p}")
