@@ -161,7 +161,11 @@ def shared_volume_cache():
 def _cli(argv: list[str]):
     from jepa_lightning.main import main as cli_main  # heavy import, only when running
 
-    return cli_main(argv)
+    saved, sys.argv = sys.argv, sys.argv[:1]  # the study's own flags are not the run's
+    try:
+        return cli_main(argv)
+    finally:
+        sys.argv = saved
 
 
 def ensure_pretrained(study: Study, method: str) -> str:
