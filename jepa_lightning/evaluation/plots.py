@@ -42,10 +42,10 @@ def roc_figure(
             colour = COLOURS[i % len(COLOURS)]
             for j, frame in enumerate(frames):
                 frame = frame[frame["label"].notna()]
-                y = torch.as_tensor(frame["label"].to_numpy()).long()
+                y = torch.tensor(frame["label"].to_numpy(dtype=np.int64))
                 if y.min() == y.max():
                     continue
-                fpr, tpr, _ = binary_roc(torch.as_tensor(frame["prob"].to_numpy()).float(), y)
+                fpr, tpr, _ = binary_roc(torch.tensor(frame["prob"].to_numpy(dtype=np.float32)), y)
                 label = None
                 if j == 0:
                     label = model
