@@ -408,7 +408,7 @@ def write_outputs(
         *[f"![{p.stem}]({p.name})" for p in figures],
     ]
     if wall_s is not None:
-        lines += ["", f"Wall time of this invocation: {wall_s / 60:.1f} min."]
+        lines += ["", f"Wall time of the runs of this invocation: {wall_s / 60:.1f} min."]
     (study.out / "results.md").write_text("\n".join(lines) + "\n")
     return table
 
