@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from data_modules.cache import AtomicPersistentDataset
 from data_modules.ehr_table import EHRJoin, ehr_table_features, join_ehr, read_ehr_table
+from data_modules.label_subsets import LabelFractionError, apply_label_fraction
 from data_modules.manifest import (
     ROI_COLUMNS,
     RowProblems,
@@ -251,6 +252,10 @@ class CTEHRDataModule(L.LightningDataModule):
             its non-key columns are features (pick with ``ehr_columns``).
         ehr_join: ``scan_id`` (exact) or ``nearest_before`` (the patient's latest record at or
             before the scan's ``scan_time``); see :mod:`data_modules.ehr_table`.
+        drop_last: drop the last incomplete training batch.
+        label_fraction / label_subset_seed: keep the labels of only this fraction of the
+            labelled training *patients* (seeded, stratified, nested across fractions; see
+            :mod:`data_modules.label_subsets`); the others' training scans count as unlabelled.
     """
 
     def __init__(
@@ -276,8 +281,14 @@ class CTEHRDataModule(L.LightningDataModule):
         stream_seed: int = 0,
         ehr_table: str | None = None,
         ehr_join: EHRJoin = "scan_id",
+        label_fraction: float = 1.0,
+        label_subset_seed: int = 0,
     ):
         super().__init__()
+        if not 0.0 < label_fraction <= 1.0:
+            raise LabelFractionError(f"label_fraction must be in (0, 1], got {label_fraction}")
+        self.label_fraction = label_fraction
+        self.label_subset_seed = label_subset_seed
         if on_bad_sample not in ("raise", "skip"):
             raise ValueError(f"on_bad_sample must be 'raise' or 'skip', got {on_bad_sample!r}")
         self.manifest = manifest
@@ -397,6 +408,16 @@ class CTEHRDataModule(L.LightningDataModule):
             )
         else:
             rows = table[table["split"] == name]
+        if name == "train" and self.label_fraction < 1.0:
+            rows = apply_label_fraction(
+                rows, self.label_fraction, self.label_subset_seed, str(self.manifest)
+            )
+            log.info(
+                "label_fraction=%s (subset %d): labels of %d training patients kept",
+                self.label_fraction,
+                self.label_subset_seed,
+                rows.loc[rows["label"].notna(), "patient_id"].nunique(),
+            )
         if name == "train" and self.require_labels:
             labelled = rows["label"].notna()
             log.info("training on %d labelled of %d training scans", int(labelled.sum()), len(rows))
