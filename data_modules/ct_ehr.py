@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
+from data_modules.label_regimes import hide_labels_outside_subset, labelled_patient_subset
 from data_modules.manifest import (
     RowProblems,
     assign_patient_splits,
@@ -121,6 +122,9 @@ class CTEHRDataModule(L.LightningDataModule):
         cache_volumes: preprocess every volume once at setup and keep it in RAM
             (``N * prod(image_size) * 4`` bytes); workers share it by fork.
         drop_last: drop the last incomplete training batch.
+        label_fraction / label_seed: label regime: keep the labels of only this share of the
+            labelled training patients (a seeded, per-patient subset; nested across
+            fractions for one seed); the others become unlabelled training scans.
     """
 
     def __init__(
@@ -139,8 +143,11 @@ class CTEHRDataModule(L.LightningDataModule):
         predict_split: Literal["train", "val", "test", "all"] = "test",
         cache_volumes: bool = True,
         drop_last: bool = True,
+        label_fraction: float = 1.0,
+        label_seed: int = 0,
     ):
         super().__init__()
+        labelled_patient_subset([], label_fraction, label_seed)  # validates the fraction
         if on_bad_sample not in ("raise", "skip"):
             raise ValueError(f"on_bad_sample must be 'raise' or 'skip', got {on_bad_sample!r}")
         self.manifest = manifest
@@ -157,6 +164,8 @@ class CTEHRDataModule(L.LightningDataModule):
         self.predict_split = predict_split
         self.cache_volumes = cache_volumes
         self.drop_last = drop_last
+        self.label_fraction = label_fraction
+        self.label_seed = label_seed
         self.collate_hook: Callable[[dict], dict] | None = None
         self.ehr_stats: dict[str, Any] | None = None
         self.problems = RowProblems()
@@ -236,6 +245,8 @@ class CTEHRDataModule(L.LightningDataModule):
             )
         else:
             rows = table[table["split"] == name]
+        if name == "train":
+            rows = hide_labels_outside_subset(rows, self.label_fraction, self.label_seed)
         if name == "train" and self.require_labels:
             labelled = rows["label"].notna()
             log.info("training on %d labelled of %d training scans", int(labelled.sum()), len(rows))

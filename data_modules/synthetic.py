@@ -379,7 +379,7 @@ class SyntheticCohortDataModule(CTEHRDataModule):
         seed: cohort seed (the cohort is a deterministic function of the settings).
         label_weights: share of the label logit's variance from (shared, image-only,
             EHR-only) causes.
-        image_size ... drop_last: as in :class:`CTEHRDataModule` (the synthetic cohort
+        image_size ... label_seed: as in :class:`CTEHRDataModule` (the synthetic cohort
             always carries a split column, so the split fractions do not apply).
     """
 
@@ -400,6 +400,8 @@ class SyntheticCohortDataModule(CTEHRDataModule):
         predict_split: str = "test",
         cache_volumes: bool = True,
         drop_last: bool = True,
+        label_fraction: float = 1.0,
+        label_seed: int = 0,
     ):
         self.root = root
         self.spec = CohortSpec(
@@ -420,6 +422,8 @@ class SyntheticCohortDataModule(CTEHRDataModule):
             predict_split=predict_split,
             cache_volumes=cache_volumes,
             drop_last=drop_last,
+            label_fraction=label_fraction,
+            label_seed=label_seed,
         )
 
     @property
