@@ -244,3 +244,18 @@ def test_label_fraction_keeps_whole_patients_in_the_training_split(tiny_cohort):
     assert part["patient_id"].nunique() == max(1, round(0.25 * n_full))
     assert set(part["scan_id"]) <= set(full["scan_id"]) and part["label"].notna().all()
     assert val_part["scan_id"].tolist() == val_full["scan_id"].tolist()  # evaluation untouched
+
+
+def test_msn_ema_updates_once_per_optimizer_step_with_accumulation(
+    tiny_cohort, tmp_path, monkeypatch
+):
+    from jepa_lightning.tasks.baselines import msn as msn_module
+
+    calls = []
+    real = msn_module.ema_update_
+    monkeypatch.setattr(msn_module, "ema_update_", lambda t, o, m: (calls.append(m), real(t, o, m)))
+    cli = _fit("msn", tmp_path, tiny_cohort, "--trainer.max_epochs=1", "--trainer.limit_train_batches=4",
+               "--trainer.accumulate_grad_batches=2", "--trainer.limit_val_batches=0")  # fmt: skip
+    assert cli.trainer.global_step == 2
+    assert len(calls) == 2 * 2  # encoder and projector, once per optimizer step
+    assert calls[0] == calls[1] < calls[2] == calls[3] <= 1.0
