@@ -259,3 +259,20 @@ def test_msn_ema_updates_once_per_optimizer_step_with_accumulation(
     assert cli.trainer.global_step == 2
     assert len(calls) == 2 * 2  # encoder and projector, once per optimizer step
     assert calls[0] == calls[1] < calls[2] == calls[3] <= 1.0
+
+
+def test_mae_encoder_sees_only_the_visible_patches_and_loss_only_the_hidden():
+    from jepa_lightning.tasks import MAE
+
+    model = MAE(n_ehr_features=12, embed_dim=48, depth=1, mask_ratio=0.75)
+    seen = []
+    model.encoder.vit.blocks[0].register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
+    batch = _batch()
+    torch.manual_seed(0)
+    out = model.ssl_losses(batch)
+    assert seen[0] == (4, 16, 48)  # 25 % of the 64 patches go through the encoder
+    assert seen[1] == (4, 64, 48)  # the probe's features: the whole volume, no gradient
+    out["loss"].backward()
+    assert model.decoder.mask_token.grad.abs().sum() > 0
+    assert model.encoder.vit.patch_embed.proj.weight.grad.abs().sum() > 0
+    assert model.encoder.ehr.identity.grad is None  # image-only: EHR path frozen
