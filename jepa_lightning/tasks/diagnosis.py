@@ -118,8 +118,9 @@ def load_pretrained_encoder(
                 "init_from_encoder: context (or auto)"
             )
         raise CheckpointMismatchError(
-            f"checkpoint {path} has no {' or '.join(repr(p + '*') for p in ENCODER_PREFIXES[encoder])} "
-            f"weights (top-level modules: {heads}); expected a checkpoint of a jepa-lightning "
+            f"checkpoint {path} has no encoder weights (no "
+            f"{' or '.join(repr(p + '*') for p in ENCODER_PREFIXES[encoder])} keys; top-level "
+            f"modules: {heads}); expected a checkpoint of a jepa-lightning "
             "pretraining task (MultimodalJEPA, MAE, MSN, ImageEHRContrastive) or DiagnosisTask"
         )
     dm_state = next((v for v in ckpt.values() if isinstance(v, dict) and "ehr_stats" in v), None)
@@ -132,9 +133,10 @@ class DiagnosisTask(BaseTask):
     Args:
         image_size / n_ehr_features: linked from the data module by the CLI.
         modalities: what the model sees: ``image``, ``ehr`` or ``image+ehr``.
-        init_from: a MultimodalJEPA (or DiagnosisTask) checkpoint; its EMA target encoder
-            initialises the backbone, strictly (any missing/unexpected/mis-shaped weight is
-            an error), and the EHR normalisation it was pretrained with is reused.
+        init_from: a pretraining (MultimodalJEPA, MAE, MSN, ImageEHRContrastive) or
+            DiagnosisTask checkpoint; its encoder (see ``init_from_encoder``) initialises the
+            backbone, strictly (any missing/unexpected/mis-shaped weight is an error), and
+            the EHR normalisation it was pretrained with is reused.
         init_from_encoder: which encoder of ``init_from``: ``auto`` (the EMA target encoder
             when the method has one, JEPA and MSN; else the encoder), ``target`` or
             ``context`` (the online/context encoder).
