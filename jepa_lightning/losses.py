@@ -64,3 +64,103 @@ def variance_hinge(z: torch.Tensor, target_std: float = 1.0, eps: float = 1e-4) 
         return z.sum() * 0.0
     std = torch.sqrt(z.float().var(dim=0) + eps)
     return F.relu(target_std - std).mean()
+
+
+# --- baselines: MAE, MSN, CLIP-style InfoNCE -------------------------------------------------
+
+
+def normalize_patches(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """MAE's normalised-pixel target: each patch ``[..., P]`` to zero mean, unit variance
+    over its voxels (unbiased variance, as in the MAE paper's code). Makes the target
+    local texture rather than absolute intensity, which the MAE paper found gives better
+    features."""
+    patches = patches.float()
+    mean = patches.mean(-1, keepdim=True)
+    var = patches.var(-1, keepdim=True)
+    return (patches - mean) / (var + eps).sqrt()
+
+
+def mae_loss(
+    pred: torch.Tensor,
+    patches: torch.Tensor,
+    masked: torch.Tensor,
+    norm_pix: bool = True,
+) -> torch.Tensor:
+    """MSE between predicted and true voxels of the *masked* patches only.
+
+    ``pred, patches [B, N, P]`` (all patches, raster order), ``masked [B, N]`` bool (True =
+    hidden from the encoder). Visible patches are not scored: reconstructing what the
+    encoder saw teaches nothing. Per-patch mean squared error, averaged over masked patches.
+    """
+    target = normalize_patches(patches) if norm_pix else patches.float()
+    per_patch = ((pred.float() - target) ** 2).mean(-1)
+    weight = masked.float()
+    total = weight.sum()
+    if total <= 0:
+        return pred.sum() * 0.0
+    return (per_patch * weight).sum() / total
+
+
+def prototype_probabilities(
+    z: torch.Tensor, prototypes: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Soft assignment of embeddings ``z [N, D]`` to prototypes ``[K, D]``: softmax over the
+    cosine similarities divided by ``temperature``, ``[N, K]``, in fp32."""
+    z = F.normalize(z.float(), dim=-1)
+    protos = F.normalize(prototypes.float(), dim=-1)
+    return torch.softmax(z @ protos.T / temperature, dim=-1)
+
+
+def sharpen(p: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``p ** (1/T)`` renormalised: MSN's target sharpening (T < 1 lowers the entropy)."""
+    p = p.float() ** (1.0 / temperature)
+    return p / p.sum(-1, keepdim=True)
+
+
+def msn_loss(
+    anchor_probs: torch.Tensor,
+    target_probs: torch.Tensor,
+    me_max_weight: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Masked Siamese Networks' objective.
+
+    ``anchor_probs [B * M, K]`` (M anchor views per sample, view-major: all samples of view 0,
+    then view 1, ...) and ``target_probs [B, K]`` (already sharpened; treated as constants).
+    Returns ``(loss, cross_entropy, mean_entropy)`` where
+
+    * ``cross_entropy`` = mean over samples and views of ``H(target_b, anchor_{b,m})``;
+    * ``mean_entropy`` = entropy of the anchor probabilities averaged over the whole batch
+      (the ME-MAX regulariser: maximising it keeps every prototype in use, which is what
+      stops all samples collapsing onto one prototype);
+    * ``loss = cross_entropy - me_max_weight * mean_entropy``.
+    """
+    anchor_probs, target_probs = anchor_probs.float(), target_probs.float().detach()
+    b = target_probs.shape[0]
+    if anchor_probs.shape[0] % b:
+        raise ValueError(
+            f"{anchor_probs.shape[0]} anchor rows is not a multiple of {b} target rows"
+        )
+    views = anchor_probs.shape[0] // b
+    targets = target_probs.repeat(views, 1)
+    ce = -(targets * torch.log(anchor_probs.clamp_min(1e-12))).sum(-1).mean()
+    mean_p = anchor_probs.mean(0)
+    mean_entropy = -(mean_p * torch.log(mean_p.clamp_min(1e-12))).sum()
+    return ce - me_max_weight * mean_entropy, ce, mean_entropy
+
+
+def clip_loss(
+    image_emb: torch.Tensor, ehr_emb: torch.Tensor, logit_scale: torch.Tensor
+) -> torch.Tensor:
+    """Symmetric InfoNCE between paired embeddings ``[B, D]`` (row i of each is one patient).
+
+    Cosine similarities times ``logit_scale`` (= 1 / temperature, learnable upstream) are
+    the logits; the loss is the mean of image->EHR and EHR->image cross-entropies with the
+    matching pair as the class. Needs ``B >= 2`` (one pair has no negative); returns 0 then.
+    """
+    if image_emb.shape[0] < 2:
+        return image_emb.sum() * 0.0 + ehr_emb.sum() * 0.0
+    img = F.normalize(image_emb.float(), dim=-1)
+    ehr = F.normalize(ehr_emb.float(), dim=-1)
+    logits = logit_scale.float() * img @ ehr.T
+    labels = torch.arange(len(img), device=img.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))

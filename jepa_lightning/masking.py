@@ -226,3 +226,49 @@ class JEPAMaskCollator:
     def __call__(self, batch: dict) -> dict:
         batch.update(self.masks(len(batch["image"])))
         return batch
+
+
+# --- baselines: MAE / MSN patch dropping ------------------------------------------------------
+# These are one argsort / one arange on the device, so the tasks call them in the step
+# (as MAE does) rather than in the loader workers.
+
+
+def random_masks(
+    batch_size: int,
+    n_patches: int,
+    n_keep: int,
+    device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uniform random patch dropping: ``(keep [B, n_keep], masked [B, N] bool)``.
+
+    Each sample keeps an independent uniformly random subset of ``n_keep`` patches
+    (sorted raster indices); ``masked`` is True where a patch was dropped.
+    """
+    if not 1 <= n_keep <= n_patches:
+        raise ValueError(f"n_keep must be in [1, {n_patches}], got {n_keep}")
+    noise = torch.rand(batch_size, n_patches, device=device, generator=generator)
+    keep = noise.argsort(dim=1)[:, :n_keep].sort(dim=1).values
+    masked = torch.ones(batch_size, n_patches, dtype=torch.bool, device=noise.device)
+    masked.scatter_(1, keep, False)
+    return keep, masked
+
+
+def focal_masks(
+    batch_size: int,
+    grid: Size3,
+    block: Size3,
+    device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """MSN focal views: each sample keeps one contiguous 3-D block of ``block`` patches,
+    placed uniformly (the last patch on every axis reachable). ``keep [B, prod(block)]``."""
+    if any(b < 1 or b > g for b, g in zip(block, grid, strict=True)):
+        raise ValueError(f"focal block {tuple(block)} does not fit the patch grid {tuple(grid)}")
+    starts = [
+        torch.randint(0, g - b + 1, (batch_size, 1, 1, 1), device=device, generator=generator)
+        for g, b in zip(grid, block, strict=True)
+    ]
+    offsets = torch.meshgrid(*(torch.arange(b, device=device) for b in block), indexing="ij")
+    z, y, x = (s + o for s, o in zip(starts, offsets, strict=True))
+    return (z * grid[1] * grid[2] + y * grid[2] + x).reshape(batch_size, -1)

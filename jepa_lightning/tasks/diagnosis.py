@@ -48,12 +48,27 @@ def _norm(key: str, value: Any) -> Any:
     return value
 
 
+# Which encoder of a pretraining checkpoint initialises the backbone (``init_from_encoder``).
+ENCODER_PREFIXES = {
+    "auto": ("target_encoder.", "encoder."),  # the EMA target when the method has one
+    "target": ("target_encoder.",),
+    "context": ("encoder.",),
+}
+
+
 def load_pretrained_encoder(
-    path: str | Path, expected: dict[str, Any]
+    path: str | Path, expected: dict[str, Any], encoder: str = "auto"
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    """The encoder weights of a checkpoint (EMA target encoder when there is one) and the
-    data module state it was trained with. Refuses, with the differing keys, a checkpoint
-    whose backbone hyperparameters differ from ``expected``."""
+    """The encoder weights of a checkpoint and the data module state it was trained with.
+
+    ``encoder``: ``auto`` takes the EMA target encoder when there is one (JEPA, MSN) and
+    the encoder otherwise (MAE, CLIP, DiagnosisTask); ``target`` / ``context`` insist on
+    one. Refuses, with the differing keys, a checkpoint whose backbone hyperparameters
+    differ from ``expected``."""
+    if encoder not in ENCODER_PREFIXES:
+        raise ValueError(
+            f"init_from_encoder must be one of {list(ENCODER_PREFIXES)}, got {encoder!r}"
+        )
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"init_from checkpoint {path} does not exist")
@@ -89,15 +104,24 @@ def load_pretrained_encoder(
             f"(checkpoint vs this model: {differing}); set {hint}"
         )
     sd = ckpt["state_dict"]
-    for prefix in ("target_encoder.", "encoder."):
+    for prefix in ENCODER_PREFIXES[encoder]:
         weights = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
         if weights:
+            log.info("init_from %s: loading its '%s*' weights", path, prefix)
             break
     else:
         heads = sorted({k.split(".")[0] for k in sd})
+        if encoder == "target" and "encoder" in heads:
+            raise CheckpointMismatchError(
+                f"checkpoint {path} has no EMA target encoder ('target_encoder.*'; top-level "
+                f"modules: {heads}): its method has none (MAE, CLIP, supervised); set "
+                "init_from_encoder: context (or auto)"
+            )
         raise CheckpointMismatchError(
-            f"checkpoint {path} has no encoder weights (top-level modules: {heads}); "
-            "expected a MultimodalJEPA or DiagnosisTask checkpoint"
+            f"checkpoint {path} has no encoder weights (no "
+            f"{' or '.join(repr(p + '*') for p in ENCODER_PREFIXES[encoder])} keys; top-level "
+            f"modules: {heads}); expected a checkpoint of a jepa-lightning "
+            "pretraining task (MultimodalJEPA, MAE, MSN, ImageEHRContrastive) or DiagnosisTask"
         )
     dm_state = next((v for v in ckpt.values() if isinstance(v, dict) and "ehr_stats" in v), None)
     return weights, dm_state
@@ -109,9 +133,13 @@ class DiagnosisTask(BaseTask):
     Args:
         image_size / n_ehr_features: linked from the data module by the CLI.
         modalities: what the model sees: ``image``, ``ehr`` or ``image+ehr``.
-        init_from: a MultimodalJEPA (or DiagnosisTask) checkpoint; its EMA target encoder
-            initialises the backbone, strictly (any missing/unexpected/mis-shaped weight is
-            an error), and the EHR normalisation it was pretrained with is reused.
+        init_from: a pretraining (MultimodalJEPA, MAE, MSN, ImageEHRContrastive) or
+            DiagnosisTask checkpoint; its encoder (see ``init_from_encoder``) initialises the
+            backbone, strictly (any missing/unexpected/mis-shaped weight is an error), and
+            the EHR normalisation it was pretrained with is reused.
+        init_from_encoder: which encoder of ``init_from``: ``auto`` (the EMA target encoder
+            when the method has one, JEPA and MSN; else the encoder), ``target`` or
+            ``context`` (the online/context encoder).
         freeze_backbone: linear probing: the backbone stays frozen and in eval mode.
         backbone_lr_mult: backbone LR as a fraction of the head's when finetuning.
         head_dropout: dropout before the linear head.
@@ -126,6 +154,7 @@ class DiagnosisTask(BaseTask):
         n_ehr_features: int = 32,
         modalities: Literal["image", "ehr", "image+ehr"] = "image+ehr",
         init_from: str | None = None,
+        init_from_encoder: Literal["auto", "target", "context"] = "auto",
         freeze_backbone: bool = False,
         backbone_lr_mult: float = 1.0,
         head_dropout: float = 0.0,
@@ -172,13 +201,21 @@ class DiagnosisTask(BaseTask):
     def initialise_from_checkpoint(self, path: str) -> dict[str, Any] | None:
         """Load the pretrained encoder strictly; return the data state it was trained with."""
         weights, data_state = load_pretrained_encoder(
-            path, {k: self.hparams[k] for k in BACKBONE_KEYS}
+            path,
+            {k: self.hparams[k] for k in BACKBONE_KEYS},
+            self.hparams.get("init_from_encoder", "auto"),
         )
-        result = self.encoder.load_state_dict(weights, strict=False)
+        try:
+            result = self.encoder.load_state_dict(weights, strict=False)
+        except RuntimeError as err:  # mis-shaped tensors
+            raise CheckpointMismatchError(
+                f"checkpoint {path} does not fit the encoder: {err}"
+            ) from err
         if result.missing_keys or result.unexpected_keys:
             raise CheckpointMismatchError(
-                f"checkpoint {path} does not fit the encoder: missing {result.missing_keys[:8]}, "
-                f"unexpected {result.unexpected_keys[:8]}"
+                f"checkpoint {path} does not fit the encoder "
+                f"(init_from_encoder={self.hparams.get('init_from_encoder', 'auto')}): "
+                f"missing {result.missing_keys[:8]}, unexpected {result.unexpected_keys[:8]}"
             )
         self._initialised_from = path
         log.info("backbone initialised from %s", path)
@@ -190,6 +227,11 @@ class DiagnosisTask(BaseTask):
         # restore, so a resumed run (--ckpt_path) keeps its finetuned weights and does not
         # need the pretraining file any more.
         init_from = self.hparams.init_from
+        if not init_from and self.hparams.freeze_backbone:
+            log.warning(
+                "freeze_backbone is set but init_from is not: probing a randomly initialised "
+                "backbone (a 'random features' baseline); pass --model.init_args.init_from=CKPT"
+            )
         if (
             not init_from
             or self.trainer.ckpt_path is not None

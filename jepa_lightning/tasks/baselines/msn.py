@@ -1,0 +1,197 @@
+"""Masked Siamese Networks (MSN), optionally with the EHR fused into the anchor branch."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from jepa_lightning.backbones import EHRTokenizer, MultimodalEncoder
+from jepa_lightning.losses import msn_loss, prototype_probabilities, sharpen
+from jepa_lightning.masking import focal_masks, random_masks
+from jepa_lightning.schedules import ema_momentum, ema_update_
+from jepa_lightning.tasks.baselines.common import SSLTask
+
+
+def projection_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
+    """MSN's three-layer projector. LayerNorm where MSN has BatchNorm: the EMA target
+    projector then needs no running statistics (an EMA'd BatchNorm in eval mode would use
+    its initial ones) and nothing has to be synchronised across DDP ranks."""
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden_dim),
+        nn.LayerNorm(hidden_dim),
+        nn.GELU(),
+        nn.Linear(hidden_dim, hidden_dim),
+        nn.LayerNorm(hidden_dim),
+        nn.GELU(),
+        nn.Linear(hidden_dim, out_dim),
+    )
+
+
+def random_flips(volume: torch.Tensor) -> torch.Tensor:
+    """Flip each sample of ``[B, C, D, H, W]`` independently along each spatial axis with
+    probability 1/2: a label-preserving view augmentation for nodule volumes."""
+    for axis in (2, 3, 4):
+        flip = torch.rand(volume.shape[0], device=volume.device) < 0.5
+        volume = torch.where(flip.view(-1, 1, 1, 1, 1), volume.flip(axis), volume)
+    return volume
+
+
+class MSN(SSLTask):
+    """MSN (Assran et al. 2022) on the shared 3-D encoder; ``use_ehr`` gives MSN+EHR.
+
+    Anchor views (``n_random_views`` with a random ``mask_ratio`` of patches dropped,
+    ``n_focal_views`` keeping one contiguous ``focal_block`` of patches; each with random
+    flips) go through the encoder, mean-pooled, then the projector; the target view (the
+    whole volume) through the EMA target encoder and EMA projector. Both are softly
+    assigned to learned prototypes (cosine / ``temperature``); the target assignment is
+    sharpened (``sharpen_temperature``) and the anchors are trained to match it, with the
+    mean-entropy maximisation regulariser (``me_max_weight``) keeping every prototype used.
+
+    MSN+EHR (``use_ehr: true``): an EHR embedding (an :class:`EHRTokenizer`, mean-pooled
+    over features) is concatenated with each anchor embedding and projected back to the
+    encoder width before the projector; the target branch stays image-only. The encoder
+    therefore only ever sees images, exactly as in vanilla MSN, so the two compare like
+    for like under an image linear probe.
+
+    The checkpoint's ``target_encoder`` (EMA) and ``encoder`` both load into
+    ``DiagnosisTask`` (``init_from_encoder``); MSN evaluates the target encoder.
+
+    Args:
+        image_size / n_ehr_features: linked from the data module by the CLI.
+        patch_size / embed_dim / depth / num_heads / mlp_ratio: the shared encoder.
+        use_ehr: fuse the EHR into the anchor branch (MSN+EHR).
+        n_random_views / mask_ratio: randomly masked anchor views and their drop ratio.
+        n_focal_views / focal_block: anchor views keeping one block of patches (D, H, W).
+        flip_views: random flips of each anchor view.
+        proj_hidden_dim / proj_dim / n_prototypes: projector and learned prototypes.
+        temperature: anchor (and target, before sharpening) softmax temperature.
+        sharpen_temperature: target sharpening, ``p ** (1/T)`` renormalised.
+        me_max_weight: weight of the mean-entropy maximisation regulariser.
+        ema_momentum_start / ema_momentum_end: EMA momentum, linear over optimizer steps.
+        lr ... base_batch_size: optimizer and schedule (see ``BaseTask``).
+    """
+
+    def __init__(
+        self,
+        image_size: int | list[int] = 32,
+        n_ehr_features: int = 32,
+        patch_size: int | list[int] = 8,
+        embed_dim: int = 96,
+        depth: int = 4,
+        num_heads: int = 4,
+        mlp_ratio: float = 4.0,
+        use_ehr: bool = False,
+        n_random_views: int = 2,
+        mask_ratio: float = 0.5,
+        n_focal_views: int = 2,
+        focal_block: tuple[int, int, int] = (2, 2, 2),
+        flip_views: bool = True,
+        proj_hidden_dim: int = 256,
+        proj_dim: int = 64,
+        n_prototypes: int = 128,
+        temperature: float = 0.1,
+        sharpen_temperature: float = 0.25,
+        me_max_weight: float = 1.0,
+        ema_momentum_start: float = 0.996,
+        ema_momentum_end: float = 1.0,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        warmup_fraction: float = 0.1,
+        min_lr_ratio: float = 0.01,
+        base_batch_size: int | None = None,
+    ):
+        super().__init__(
+            embed_dim, lr, weight_decay, warmup_fraction, min_lr_ratio, base_batch_size
+        )
+        if n_random_views + n_focal_views < 1:
+            raise ValueError("MSN needs at least one anchor view: n_random_views + n_focal_views")
+        if not 0.0 <= mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+        self.save_hyperparameters()
+        self.encoder = MultimodalEncoder(
+            image_size, patch_size, n_ehr_features, embed_dim, depth, num_heads, mlp_ratio
+        )
+        # The encoder only ever sees images (in MSN+EHR too): its EHR tokenizer gets no
+        # gradient, so it is frozen rather than left for DDP to find unused.
+        self.encoder.ehr.requires_grad_(False)
+        self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
+        self.projector = projection_head(embed_dim, proj_hidden_dim, proj_dim)
+        self.target_projector = copy.deepcopy(self.projector).requires_grad_(False)
+        self.prototypes = nn.Parameter(torch.empty(n_prototypes, proj_dim))
+        nn.init.trunc_normal_(self.prototypes, std=0.02)
+        self.focal_block = tuple(int(b) for b in focal_block)
+        if n_focal_views:
+            focal_masks(1, self.encoder.grid, self.focal_block)  # fail early if it cannot fit
+        self.n_keep = max(1, round(self.encoder.num_patches * (1.0 - mask_ratio)))
+        if use_ehr:
+            self.ehr_embed = EHRTokenizer(n_ehr_features, embed_dim)
+            self.fuse = nn.Linear(2 * embed_dim, embed_dim)
+        self._last_ema_step = -1
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.target_encoder.eval()
+        self.target_projector.eval()
+        return self
+
+    def anchor_embeddings(self, batch: dict) -> torch.Tensor:
+        """Pooled encoder output of every anchor view, view-major, ``[B * M, C]``."""
+        image = batch["image"]
+        b, n = len(image), self.encoder.num_patches
+        h = self.hparams
+        keeps = [random_masks(b, n, self.n_keep, image.device)[0] for _ in range(h.n_random_views)]
+        keeps += [
+            focal_masks(b, self.encoder.grid, self.focal_block, image.device)
+            for _ in range(h.n_focal_views)
+        ]
+        views = []
+        for keep in keeps:
+            view = random_flips(image) if h.flip_views else image
+            views.append(self.encoder(view, image_keep=keep).mean(1))
+        z = torch.cat(views)
+        if h.use_ehr:
+            ehr = self.ehr_embed(batch["ehr"], batch["ehr_missing"]).mean(1)
+            z = self.fuse(torch.cat([z, ehr.repeat(len(keeps), 1)], dim=1))
+        return z
+
+    def ssl_losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        h = self.hparams
+        with torch.no_grad():
+            pooled = self.target_encoder(batch["image"]).mean(1)
+            target_probs = sharpen(
+                prototype_probabilities(
+                    self.target_projector(pooled), self.prototypes.detach(), h.temperature
+                ),
+                h.sharpen_temperature,
+            )
+        anchor_probs = prototype_probabilities(
+            self.projector(self.anchor_embeddings(batch)), self.prototypes, h.temperature
+        )
+        loss, ce, mean_entropy = msn_loss(anchor_probs, target_probs, h.me_max_weight)
+        return {"loss": loss, "loss_ce": ce, "mean_entropy": mean_entropy, "pooled": pooled}
+
+    # --- EMA target, once per real optimizer step (accumulation-safe) ------------------------
+    def current_momentum(self) -> float:
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        h = self.hparams
+        return ema_momentum(
+            self.trainer.global_step, total, h.ema_momentum_start, h.ema_momentum_end
+        )
+
+    def on_train_start(self) -> None:
+        self._last_ema_step = self.trainer.global_step
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        step = self.trainer.global_step
+        if step == self._last_ema_step:
+            return
+        self._last_ema_step = step
+        momentum = self.current_momentum()
+        for target, online in (
+            (self.target_encoder, self.encoder),
+            (self.target_projector, self.projector),
+        ):
+            ema_update_(list(target.parameters()), list(online.parameters()), momentum)
+        self.log("train/ema_momentum", momentum)
