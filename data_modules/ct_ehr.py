@@ -289,8 +289,6 @@ class CTEHRDataModule(L.LightningDataModule):
             raise LabelFractionError(f"label_fraction must be in (0, 1], got {label_fraction}")
         self.label_fraction = label_fraction
         self.label_subset_seed = label_subset_seed
-    ):
-        super().__init__()
         if on_bad_sample not in ("raise", "skip"):
             raise ValueError(f"on_bad_sample must be 'raise' or 'skip', got {on_bad_sample!r}")
         self.manifest = manifest
