@@ -16,6 +16,7 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
@@ -333,15 +334,38 @@ class CTEHRDataModule(L.LightningDataModule):
         if name not in self._datasets:
             self.setup({"train": "fit", "val": "fit", "test": "test", "predict": "predict"}[name])
         ds = self._datasets[name]
+        sampler = None if name == "train" else self.eval_sampler(ds, name)
         return DataLoader(
             ds,
             batch_size=self.batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
             drop_last=drop_last and len(ds) > self.batch_size,
             collate_fn=BatchCollator(self.collate_hook),
+        )
+
+    def eval_sampler(self, ds: CTEHRDataset, name: str) -> UnrepeatedDistributedSampler | None:
+        """Under DDP, each val/test/predict scan goes to exactly one rank.
+
+        Lightning's default DistributedSampler pads the split with repeated scans so every
+        rank gets as many; those repeats would count twice in AUROC/AUPRC and ``n_scans``.
+        This sampler gives ranks shares that differ by at most one scan (Lightning keeps a
+        DistributedSampler it is handed). Training keeps Lightning's sampler.
+        """
+        trainer = self.trainer  # set by Lightning when the data module is attached
+        if trainer is None or trainer.world_size <= 1:
+            return None
+        if len(ds) < trainer.world_size:
+            raise ValueError(
+                f"manifest {self.manifest}: the {name!r} split has {len(ds)} scans for "
+                f"{trainer.world_size} ranks; every rank needs at least one: use fewer "
+                "devices for evaluation or a larger split"
+            )
+        return UnrepeatedDistributedSampler(
+            ds, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
         )
 
     def train_dataloader(self) -> DataLoader:
