@@ -297,10 +297,16 @@ class CTEHRDataModule(L.LightningDataModule):
         return ((values - mean) / std).astype(np.float32)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"ehr_stats": self.ehr_stats}
+        state: dict[str, Any] = {"ehr_stats": self.ehr_stats}
+        if hasattr(self.collate_hook, "state_dict"):  # e.g. the JEPA mask stream
+            state["collate_hook"] = self.collate_hook.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Reuse the statistics a checkpoint was trained with (resume, test, predict)."""
+        hook_state = state_dict.get("collate_hook")
+        if hook_state is not None and hasattr(self.collate_hook, "load_state_dict"):
+            self.collate_hook.load_state_dict(hook_state)
         stats = state_dict.get("ehr_stats")
         if stats is None:
             return

@@ -21,6 +21,7 @@ import data_modules.ct_ehr  # noqa: F401
 import data_modules.synthetic  # noqa: F401
 import jepa_lightning.tasks  # noqa: F401
 from jepa_lightning import __version__
+from jepa_lightning.callbacks import RNGStateCheckpoint
 from jepa_lightning.checkpoints import AtomicCheckpointIO, check_checkpoint, resolve_last
 from jepa_lightning.tasks.base import BaseTask
 
@@ -35,8 +36,18 @@ class JEPALightningCLI(LightningCLI):
         parser.add_argument("--version", action="version", version=f"jepa-lightning {__version__}")
         return parser
 
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        super().parse_arguments(parser, args)
+        # Before LightningCLI reads the checkpoint's hyperparameters: a truncated file must be
+        # named in the error, not reported as an internal zip-reader failure.
+        sub = self.config.get("subcommand")
+        ckpt = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt and ckpt not in ("last", "best", "hpc") and "://" not in str(ckpt):
+            check_checkpoint(ckpt)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RNGStateCheckpoint, "rng_state")
         parser.set_defaults({"checkpoint.save_last": True})
         parser.link_arguments(
             "data.image_size", "model.init_args.image_size", apply_on="instantiate"
@@ -61,7 +72,7 @@ class JEPALightningCLI(LightningCLI):
         """``--ckpt_path last`` -> the newest *complete* checkpoint among ``last.ckpt``, the
         kept ones and SLURM's ``hpc_ckpt_<n>.ckpt`` (a truncated newer file is skipped with a
         warning naming it); an explicit path is checked so a truncated file is named in the
-        error. Checkpoints are loaded with ``weights_only=True`` unless the user says otherwise."""
+        error (checked in parse_arguments). Checkpoints are loaded with ``weights_only=True`` unless the user says otherwise."""
         if "weights_only" in config and config.weights_only is None:
             config.weights_only = True
         ckpt = config.get("ckpt_path")
@@ -78,7 +89,6 @@ class JEPALightningCLI(LightningCLI):
                     "starting fresh"
                 )
             return
-        check_checkpoint(ckpt)
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)

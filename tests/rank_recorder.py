@@ -80,3 +80,31 @@ class RankRecorder(L.Callback):
 
     def on_test_end(self, trainer, pl_module) -> None:
         self._write(trainer, pl_module, "test")
+
+
+class StepLossLog(L.Callback):
+    """Appends ``global_step loss`` per optimizer step to a text file, flushed at once, so
+    the lines written before a ``kill -9`` survive it."""
+
+    def __init__(self, path: str):
+        self.path = Path(path)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        with self.path.open("a") as f:
+            f.write(f"{trainer.global_step} {float(loss)!r}\n")
+
+
+class KillAt(L.Callback):
+    """SIGKILLs its own process after optimizer step ``step``: a deterministic ``kill -9``
+    in the middle of an epoch (no cleanup, no checkpoint of its own)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)

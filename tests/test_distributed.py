@@ -168,7 +168,7 @@ def test_validation_metrics_cover_every_rank_once(jepa_ddp, ddp_manifest):
     preds = torch.cat(last[0]["probe_preds"])
     target = torch.cat(last[0]["probe_target"])
     assert len(preds) == 3
-    assert logged[0]["val/probe_auroc"] == pytest.approx(float(binary_auroc(preds, target)))
+    assert logged[0]["val/probe_auroc"] == pytest.approx(float(binary_auroc(preds, target.long())))
 
 
 def test_diagnosis_ddp_fit_and_test_metrics_match_one_process(ddp_manifest, tmp_path):
@@ -178,7 +178,8 @@ def test_diagnosis_ddp_fit_and_test_metrics_match_one_process(ddp_manifest, tmp_
     fit = load_ranks(tmp_path, "fit")
     for key in fit[0]["state_dict"]:
         assert torch.equal(fit[0]["state_dict"][key], fit[1]["state_dict"][key]), key
-    assert "val/auroc" in fit[0]["metrics"] and fit[0]["metrics"] == fit[1]["metrics"]
+    val = [{k: v for k, v in r["metrics"].items() if k.startswith("val/")} for r in fit]
+    assert "val/auroc" in val[0] and val[0] == val[1]  # train/loss is rank-local by design
 
     ckpt = str(tmp_path / "checkpoints" / "last.ckpt")
     run_cli("test", "--config", str(config), f"--ckpt_path={ckpt}")
