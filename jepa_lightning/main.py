@@ -23,6 +23,7 @@ import jepa_lightning.tasks  # noqa: F401
 from jepa_lightning import __version__
 from jepa_lightning.callbacks import RNGStateCheckpoint
 from jepa_lightning.checkpoints import AtomicCheckpointIO, check_checkpoint, resolve_last
+from jepa_lightning.loggers import SaveConfigToLoggers
 from jepa_lightning.tasks.base import BaseTask
 
 
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> JEPALightningCLI:
         auto_configure_optimizers=False,
         args=argv,
         save_config_kwargs={"overwrite": False},
+        save_config_callback=SaveConfigToLoggers,
     )
 
 
