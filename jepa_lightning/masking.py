@@ -191,7 +191,8 @@ class JEPAMaskCollator:
         uninterrupted run would have drawn. Only meaningful when masks are made in the main
         process (``num_workers=0``); loader workers keep their own streams."""
         g = self.generator()
-        return {"rank": self.rank, "seed": self._seeded_for, "generator": g.get_state()}
+        rank = self.rank if self.rank is not None else _distributed_rank()
+        return {"rank": rank, "seed": self._seeded_for, "generator": g.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
         rank = self.rank if self.rank is not None else _distributed_rank()
