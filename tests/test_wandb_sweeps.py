@@ -112,3 +112,24 @@ def test_wandb_logger_run_logs_the_resolved_config(tiny_cohort, tmp_path, monkey
     assert run.config["data"]["init_args"]["batch_size"] == 8
     run.finish()
     assert list((tmp_path / "wandb").glob("wandb/offline-run-*"))
+
+
+def test_results_table_and_plot_logged_to_wandb(tmp_path, monkeypatch):
+    import json
+
+    import pandas as pd
+
+    from jepa_lightning.evaluation.wandb_results import log_results
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    table = pd.DataFrame(
+        {"method": ["JEPA-pretrained", "JEPA-pretrained", "scratch", "scratch"],
+         "cohort": ["external", "internal"] * 2, "n_scans": [200, 72, 200, 72],
+         "AUROC": [0.77, 0.78, 0.76, 0.79], "AUROC_sd": [0.01, 0.02, 0.01, 0.03]}
+    )  # fmt: skip
+    run_dir = Path(log_results(table, tmp_path, tags=["test"]))
+    assert (tmp_path / "results_auroc.png").stat().st_size > 0
+    (table_file,) = run_dir.glob("media/table/results/table_*.table.json")
+    logged = json.loads(table_file.read_text())
+    assert logged["columns"] == list(table.columns) and len(logged["data"]) == 4
+    assert list(run_dir.glob("media/images/results/auroc_*.png"))
