@@ -16,6 +16,7 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
@@ -498,10 +499,16 @@ class CTEHRDataModule(L.LightningDataModule):
         return ((values - mean) / std).astype(np.float32)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"ehr_stats": self.ehr_stats}
+        state: dict[str, Any] = {"ehr_stats": self.ehr_stats}
+        if hasattr(self.collate_hook, "state_dict"):  # e.g. the JEPA mask stream
+            state["collate_hook"] = self.collate_hook.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Reuse the statistics a checkpoint was trained with (resume, test, predict)."""
+        hook_state = state_dict.get("collate_hook")
+        if hook_state is not None and hasattr(self.collate_hook, "load_state_dict"):
+            self.collate_hook.load_state_dict(hook_state)
         stats = state_dict.get("ehr_stats")
         if stats is None:
             return
@@ -537,11 +544,13 @@ class CTEHRDataModule(L.LightningDataModule):
         ds = self._datasets[name]
         if self.streaming:
             return self._stream_loader(name, ds, shuffle, drop_last)
+        sampler = None if name == "train" else self.eval_sampler(ds, name)
         return ReportingLoader(
             ds,
             report_name=f"{name} split",
             batch_size=self.batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
@@ -567,6 +576,27 @@ class CTEHRDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
             collate_fn=BatchCollator(self.collate_hook),
+        )
+
+    def eval_sampler(self, ds: CTEHRDataset, name: str) -> UnrepeatedDistributedSampler | None:
+        """Under DDP, each val/test/predict scan goes to exactly one rank.
+
+        Lightning's default DistributedSampler pads the split with repeated scans so every
+        rank gets as many; those repeats would count twice in AUROC/AUPRC and ``n_scans``.
+        This sampler gives ranks shares that differ by at most one scan (Lightning keeps a
+        DistributedSampler it is handed). Training keeps Lightning's sampler.
+        """
+        trainer = self.trainer  # set by Lightning when the data module is attached
+        if trainer is None or trainer.world_size <= 1:
+            return None
+        if len(ds) < trainer.world_size:
+            raise ValueError(
+                f"manifest {self.manifest}: the {name!r} split has {len(ds)} scans for "
+                f"{trainer.world_size} ranks; every rank needs at least one: use fewer "
+                "devices for evaluation or a larger split"
+            )
+        return UnrepeatedDistributedSampler(
+            ds, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
         )
 
     def train_dataloader(self) -> DataLoader:

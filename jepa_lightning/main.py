@@ -10,15 +10,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 # Imported so their classes resolve by short name in configs.
 import data_modules.ct_ehr  # noqa: F401
 import data_modules.synthetic  # noqa: F401
 import jepa_lightning.tasks  # noqa: F401
 from jepa_lightning import __version__
-from jepa_lightning.callbacks import PredictionWriter
+from jepa_lightning.callbacks import PredictionWriter, RNGStateCheckpoint
+from jepa_lightning.checkpoints import AtomicCheckpointIO, check_checkpoint, resolve_last
+from jepa_lightning.loggers import SaveConfigToLoggers
 from jepa_lightning.tasks.base import BaseTask
 
 
@@ -32,8 +37,18 @@ class JEPALightningCLI(LightningCLI):
         parser.add_argument("--version", action="version", version=f"jepa-lightning {__version__}")
         return parser
 
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        super().parse_arguments(parser, args)
+        # Before LightningCLI reads the checkpoint's hyperparameters: a truncated file must be
+        # named in the error, not reported as an internal zip-reader failure.
+        sub = self.config.get("subcommand")
+        ckpt = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt and ckpt not in ("last", "best", "hpc") and "://" not in str(ckpt):
+            check_checkpoint(ckpt)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RNGStateCheckpoint, "rng_state")
         parser.set_defaults({"checkpoint.save_last": True})
         # ``predict`` writes a Parquet file (--predictions.output, --predictions.overwrite).
         parser.add_lightning_class_args(PredictionWriter, "predictions")
@@ -51,12 +66,40 @@ class JEPALightningCLI(LightningCLI):
                 f"error: '{self.subcommand}' needs --ckpt_path (e.g. <default_root_dir>/checkpoints/"
                 "last.ckpt); without it the model would be evaluated with untrained weights"
             )
+        root = config.trainer.default_root_dir or "."
         if config.checkpoint.dirpath is None:
-            root = config.trainer.default_root_dir or "."
             config.checkpoint.dirpath = str(Path(root) / "checkpoints")
         if config.predictions.output is None:
-            root = config.trainer.default_root_dir or "."
             config.predictions.output = str(Path(root) / "predictions.parquet")
+        self.resolve_ckpt_path(config, root)
+
+    def resolve_ckpt_path(self, config, root: str) -> None:
+        """``--ckpt_path last`` -> the newest *complete* checkpoint among ``last.ckpt``, the
+        kept ones and SLURM's ``hpc_ckpt_<n>.ckpt`` (a truncated newer file is skipped with a
+        warning naming it); an explicit path is checked so a truncated file is named in the
+        error (checked in parse_arguments). Checkpoints are loaded with ``weights_only=True`` unless the user says otherwise."""
+        if "weights_only" in config and config.weights_only is None:
+            config.weights_only = True
+        ckpt = config.get("ckpt_path")
+        if not ckpt or ckpt in ("best", "hpc") or "://" in str(ckpt):
+            return
+        if ckpt == "last":
+            if "://" in str(config.checkpoint.dirpath):
+                return  # remote folder: Lightning's own "last" lookup
+            found = resolve_last(config.checkpoint.dirpath, root)
+            config.ckpt_path = str(found) if found is not None else None
+            if found is None:
+                rank_zero_info(
+                    f"--ckpt_path last: no checkpoint in {config.checkpoint.dirpath} yet, "
+                    "starting fresh"
+                )
+            return
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # same-folder write + rename
+        return trainer
 
 
 def main(argv: list[str] | None = None) -> JEPALightningCLI:
@@ -71,6 +114,7 @@ def main(argv: list[str] | None = None) -> JEPALightningCLI:
         auto_configure_optimizers=False,
         args=argv,
         save_config_kwargs={"overwrite": False},
+        save_config_callback=SaveConfigToLoggers,
     )
 
 

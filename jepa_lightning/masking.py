@@ -186,6 +186,22 @@ class JEPAMaskCollator:
             self._seeded_for = seed
         return self._generator
 
+    def state_dict(self) -> dict:
+        """The mask stream's position, so a resumed run (``--ckpt_path``) draws the masks the
+        uninterrupted run would have drawn. Only meaningful when masks are made in the main
+        process (``num_workers=0``); loader workers keep their own streams."""
+        g = self.generator()
+        rank = self.rank if self.rank is not None else _distributed_rank()
+        return {"rank": rank, "seed": self._seeded_for, "generator": g.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        rank = self.rank if self.rank is not None else _distributed_rank()
+        if state.get("rank") not in (None, rank):
+            return  # another rank's stream (only rank 0's state is saved): keep ours distinct
+        self._generator = torch.Generator()
+        self._generator.set_state(state["generator"])
+        self._seeded_for = state["seed"]
+
     def draw_mode(self, g: torch.Generator) -> str:
         if not self.use_ehr:
             return "joint"

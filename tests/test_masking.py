@@ -407,3 +407,32 @@ def test_collator_follows_process_seed_change(rank0):
     fresh = _collator().masks(4)
     assert not _same_masks(a, b)
     assert _same_masks(a, fresh)
+
+
+def test_masks_differ_across_loader_workers(rank0):
+    """Two DataLoader workers (the collator runs in them) draw different mask streams."""
+    from torch.utils.data import DataLoader
+
+    from data_modules.ct_ehr import BatchCollator
+
+    data = [{"image": torch.zeros(1)} for _ in range(8)]
+    torch.manual_seed(0)
+    loader = DataLoader(data, batch_size=2, num_workers=2, collate_fn=BatchCollator(_collator()))
+    batches = list(loader)  # batch i comes from worker i % 2
+    w0, w1 = batches[0::2], batches[1::2]
+    assert not any(_same_masks(a, b) for a, b in zip(w0, w1, strict=True))
+
+
+def test_collator_state_round_trip_resumes_the_stream(rank0):
+    """What a checkpoint stores lets a fresh collator continue where the old one was."""
+    torch.manual_seed(3)
+    c = _collator()
+    c.masks(2)
+    state = c.state_dict()
+    expected = [c.masks(2) for _ in range(3)]
+    resumed = _collator()
+    resumed.load_state_dict(state)
+    assert all(_same_masks(a, resumed.masks(2)) for a in expected)
+    other_rank = _collator(rank=1)
+    other_rank.load_state_dict(state)  # rank 0's state is ignored on rank 1: streams stay distinct
+    assert not _same_masks(expected[0], other_rank.masks(2))

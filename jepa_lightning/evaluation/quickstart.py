@@ -156,10 +156,18 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument(
         "--seeds", type=int, nargs="+", default=[0], help="finetuning seeds (table: mean and sd)"
     )
+    parser.add_argument(
+        "--wandb", action="store_true", help="also log the table and its plot to W&B"
+    )
     args, extra = parser.parse_known_args(argv)
-    return run_quickstart(
+    table = run_quickstart(
         args.out, extra, args.pretrain_arg, args.finetune_arg, args.config_dir, tuple(args.seeds)
     )
+    if args.wandb:
+        from jepa_lightning.evaluation.wandb_results import log_results
+
+        log_results(table, args.out, group="quickstart", tags=["quickstart"])
+    return table
 
 
 if __name__ == "__main__":

@@ -114,3 +114,35 @@ class BaseTask(L.LightningModule):
             optimizer, lambda step: warmup_cosine(step, warmup, total, self.min_lr_ratio)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # --- DDP: evaluation decisions every rank takes alike ----------------------------------
+    def count_over_ranks(self, n: int | torch.Tensor) -> int:
+        """``n`` summed over all ranks (``n`` itself on one device).
+
+        Evaluation hooks use it to decide whether a metric has anything to compute: a
+        rank-local check (``metric.update_count``) would let a rank that saw no labelled scan
+        skip the ``compute()`` whose all-gather the other ranks wait in.
+        """
+        total = torch.as_tensor(n, dtype=torch.float32, device=self.device)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            total = self.trainer.strategy.reduce(total.clone(), reduce_op="sum")
+        return int(total.item())
+
+    # --- DDP: every trainable parameter takes part in every step ---------------------------
+    def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
+        """Under DDP, add a zero-weighted term touching every trainable parameter.
+
+        Modality drop (and single-modality finetuning) leave some parameters out of a step's
+        graph; plain ``strategy=ddp`` (``find_unused_parameters=False``) then waits for their
+        gradients forever or fails at the next step. The zero term gives each of them a zero
+        gradient, so the all-reduce averages it with the ranks that did use them. On one
+        device nothing changes (the term is not added), so single-device runs stay
+        bit-identical to before. Frozen parameters (``requires_grad=False``) are left out, as
+        DDP leaves them out.
+        """
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:
+            touched = [p.reshape(-1)[:1] for p in self.parameters() if p.requires_grad]
+            if touched:
+                loss = loss + 0.0 * torch.cat(touched).sum().to(loss.dtype)
+        super().backward(loss, *args, **kwargs)

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from torchmetrics import MetricCollection, SumMetric
+from torchmetrics import MeanMetric, MetricCollection, SumMetric
 from torchmetrics.classification import BinaryAUROC, BinaryAveragePrecision
 
 from jepa_lightning.backbones import MultimodalEncoder
@@ -127,6 +127,16 @@ def load_pretrained_encoder(
     return weights, dm_state
 
 
+def binary_metrics() -> MetricCollection:
+    """AUROC and AUPRC, updated with *float* 0/1 targets: under DDP torchmetrics stands in an
+    empty float tensor for a rank that saw no sample of a split or cohort when it
+    all-gathers, and a long target state on the other ranks would not match it (a gloo size
+    mismatch). Targets are checked by the callers (labels are 0/1 by the data contract)."""
+    return MetricCollection(
+        {"auroc": BinaryAUROC(), "auprc": BinaryAveragePrecision(validate_args=False)}
+    )
+
+
 class DiagnosisTask(BaseTask):
     """Binary diagnosis (e.g. nodule malignancy) on the shared multimodal encoder.
 
@@ -185,8 +195,9 @@ class DiagnosisTask(BaseTask):
         self.head = nn.Sequential(
             nn.LayerNorm(embed_dim), nn.Dropout(head_dropout), nn.Linear(embed_dim, 1)
         )
-        metrics = MetricCollection({"auroc": BinaryAUROC(), "auprc": BinaryAveragePrecision()})
+        metrics = binary_metrics()
         self.val_metrics = metrics.clone(prefix="val/")
+        self.val_loss = MeanMetric()  # synced at compute, so a rank without labels takes part
         self.test_metrics = nn.ModuleDict()  # per cohort, filled at setup from the data module
         self.test_counts = nn.ModuleDict()
 
@@ -248,9 +259,7 @@ class DiagnosisTask(BaseTask):
         if stage in ("test", "fit") and not len(self.test_metrics):
             cohorts = getattr(dm, "cohorts", None) or ["all"]
             for c in cohorts:
-                self.test_metrics[c] = MetricCollection(
-                    {"auroc": BinaryAUROC(), "auprc": BinaryAveragePrecision()}
-                )
+                self.test_metrics[c] = binary_metrics()
                 self.test_counts[c] = SumMetric()
 
     def train(self, mode: bool = True):
@@ -297,13 +306,17 @@ class DiagnosisTask(BaseTask):
         logits, mask, label = self._labelled(batch)
         if mask.any():
             loss = masked_bce_with_logits(logits, label)
-            self.log("val/loss", loss, prog_bar=True, batch_size=int(mask.sum()), sync_dist=True)
-            self.val_metrics.update(torch.sigmoid(logits[mask]), label[mask].long())
+            self.val_loss.update(loss, weight=int(mask.sum()))
+            self.val_metrics.update(torch.sigmoid(logits[mask]), label[mask].float())
 
     def on_validation_epoch_end(self) -> None:
-        if self.val_metrics["auroc"].update_count:
-            self.log_dict(self.val_metrics.compute(), prog_bar=True)
+        # Decided on the count over all ranks, so every rank enters the same (all-gathering)
+        # compute(), also a rank whose share of the split held no labelled scan.
+        if self.count_over_ranks(self.val_metrics["auroc"].update_count):
+            self.log("val/loss", self.val_loss.compute(), prog_bar=True, sync_dist=True)
+            self.log_dict(self.val_metrics.compute(), prog_bar=True, sync_dist=True)
         self.val_metrics.reset()
+        self.val_loss.reset()
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         if not batch:
@@ -317,15 +330,19 @@ class DiagnosisTask(BaseTask):
                 )
             sel = mask & torch.tensor([c == cohort for c in batch["cohort"]], device=mask.device)
             if sel.any():
-                self.test_metrics[cohort].update(prob[sel], label[sel].long())
+                self.test_metrics[cohort].update(prob[sel], label[sel].float())
                 self.test_counts[cohort].update(sel.sum())
 
     def on_test_epoch_end(self) -> None:
         for cohort, metrics in self.test_metrics.items():
-            if metrics["auroc"].update_count:
+            # scans of this cohort over all ranks (SumMetric syncs): a rank that saw none of
+            # them still joins the all-gather of the others' predictions
+            if self.test_counts[cohort].compute() > 0:
                 for name, value in metrics.compute().items():
-                    self.log(f"test/{cohort}/{name}", value)
-                self.log(f"test/{cohort}/n_scans", self.test_counts[cohort].compute())
+                    self.log(f"test/{cohort}/{name}", value, sync_dist=True)
+                self.log(
+                    f"test/{cohort}/n_scans", self.test_counts[cohort].compute(), sync_dist=True
+                )
             metrics.reset()
             self.test_counts[cohort].reset()
 

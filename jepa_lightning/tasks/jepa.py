@@ -7,6 +7,7 @@ import copy
 
 import torch
 from torch import nn
+from torchmetrics import CatMetric, MeanMetric
 from torchmetrics.classification import BinaryAUROC
 
 from jepa_lightning.backbones import JEPAPredictor, MultimodalEncoder
@@ -102,7 +103,14 @@ class MultimodalJEPA(BaseTask):
         self.probe = nn.Linear(embed_dim, 1)  # online linear probe on detached target features
         self.val_probe_auroc = BinaryAUROC()
         self._last_ema_step = -1
-        self._val_embeddings: list[torch.Tensor] = []
+        # Pooled validation embeddings of every rank (CatMetric all-gathers at compute), so
+        # the collapse metrics describe the whole split, not rank 0's share.
+        self.val_embeddings = CatMetric(nan_strategy="disable")
+        # Means over all ranks' batches; a rank whose batches drew no EHR target (modality
+        # drop) has no ``loss_ehr`` but still joins the sync.
+        self.val_losses = nn.ModuleDict(
+            {k: MeanMetric() for k in ("loss", "loss_image", "loss_ehr")}
+        )
 
     # --- masks are made in the loader workers --------------------------------------------
     def mask_collator(self) -> JEPAMaskCollator:
@@ -224,22 +232,33 @@ class MultimodalJEPA(BaseTask):
             return
         out = self.jepa_losses(batch)
         bs = len(batch["image"])
-        self.log("val/loss", out["loss"], prog_bar=True, batch_size=bs, sync_dist=True)
-        self.log("val/loss_image", out["loss_image"], batch_size=bs, sync_dist=True)
-        if "loss_ehr" in out:
-            self.log("val/loss_ehr", out["loss_ehr"], batch_size=bs, sync_dist=True)
+        for key, metric in self.val_losses.items():
+            if key in out:
+                metric.update(out[key].detach().float(), weight=bs)
         labelled = ~torch.isnan(batch["label"])
         if labelled.any():
             prob = torch.sigmoid(self.probe(out["pooled"]).squeeze(-1))
-            self.val_probe_auroc.update(prob[labelled], batch["label"][labelled].long())
-        self._val_embeddings.append(out["pooled"].float().cpu())
+            # float targets: torchmetrics stands in an empty *float* tensor for a rank without
+            # samples when it all-gathers, and a long state on the other ranks would not match
+            self.val_probe_auroc.update(prob[labelled], batch["label"][labelled].float())
+        # flattened: torchmetrics gathers a rank without samples as a 1-D empty tensor
+        self.val_embeddings.update(out["pooled"].float().flatten())
 
     def on_validation_epoch_end(self) -> None:
-        if self.val_probe_auroc.update_count:
-            self.log("val/probe_auroc", self.val_probe_auroc.compute(), prog_bar=True)
+        # Counts summed over ranks: every rank enters the same compute() (all-gathers), also
+        # a rank whose share held no labelled scan. The computed values are then the same on
+        # every rank; sync_dist averages identical numbers (exact) and keeps Lightning quiet.
+        if self.count_over_ranks(self.val_probe_auroc.update_count):
+            self.log(
+                "val/probe_auroc", self.val_probe_auroc.compute(), prog_bar=True, sync_dist=True
+            )
         self.val_probe_auroc.reset()
-        if self._val_embeddings:
-            z = torch.cat(self._val_embeddings)
-            self.log("val/effective_rank", effective_rank(z))
-            self.log("val/feature_std", mean_feature_std(z))
-        self._val_embeddings.clear()
+        if self.count_over_ranks(self.val_embeddings.update_count):
+            z = self.val_embeddings.compute().reshape(-1, self.hparams.embed_dim)
+            self.log("val/effective_rank", effective_rank(z), sync_dist=True)
+            self.log("val/feature_std", mean_feature_std(z), sync_dist=True)
+        self.val_embeddings.reset()
+        for key, metric in self.val_losses.items():
+            if self.count_over_ranks(metric.update_count):
+                self.log(f"val/{key}", metric.compute(), prog_bar=key == "loss", sync_dist=True)
+            metric.reset()
