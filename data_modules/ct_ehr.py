@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
+from data_modules.label_subsets import LabelFractionError, apply_label_fraction
 from data_modules.manifest import (
     RowProblems,
     assign_patient_splits,
@@ -121,6 +122,9 @@ class CTEHRDataModule(L.LightningDataModule):
         cache_volumes: preprocess every volume once at setup and keep it in RAM
             (``N * prod(image_size) * 4`` bytes); workers share it by fork.
         drop_last: drop the last incomplete training batch.
+        label_fraction / label_subset_seed: keep the labels of only this fraction of the
+            labelled training *patients* (seeded, stratified, nested across fractions; see
+            :mod:`data_modules.label_subsets`); the others' training scans count as unlabelled.
     """
 
     def __init__(
@@ -139,8 +143,14 @@ class CTEHRDataModule(L.LightningDataModule):
         predict_split: Literal["train", "val", "test", "all"] = "test",
         cache_volumes: bool = True,
         drop_last: bool = True,
+        label_fraction: float = 1.0,
+        label_subset_seed: int = 0,
     ):
         super().__init__()
+        if not 0.0 < label_fraction <= 1.0:
+            raise LabelFractionError(f"label_fraction must be in (0, 1], got {label_fraction}")
+        self.label_fraction = label_fraction
+        self.label_subset_seed = label_subset_seed
         if on_bad_sample not in ("raise", "skip"):
             raise ValueError(f"on_bad_sample must be 'raise' or 'skip', got {on_bad_sample!r}")
         self.manifest = manifest
@@ -236,6 +246,16 @@ class CTEHRDataModule(L.LightningDataModule):
             )
         else:
             rows = table[table["split"] == name]
+        if name == "train" and self.label_fraction < 1.0:
+            rows = apply_label_fraction(
+                rows, self.label_fraction, self.label_subset_seed, str(self.manifest)
+            )
+            log.info(
+                "label_fraction=%s (subset %d): labels of %d training patients kept",
+                self.label_fraction,
+                self.label_subset_seed,
+                rows.loc[rows["label"].notna(), "patient_id"].nunique(),
+            )
         if name == "train" and self.require_labels:
             labelled = rows["label"].notna()
             log.info("training on %d labelled of %d training scans", int(labelled.sum()), len(rows))

@@ -466,7 +466,7 @@ class SyntheticCohortDataModule(CTEHRDataModule):
         ehr_missing_rate: probability that an EHR value is missing (age never is).
         external_shift: strength 0..1 of each aspect of the external site's shift (HU
             offset, noise, voxel spacing, EHR coding, prevalence).
-        image_size ... drop_last: as in :class:`CTEHRDataModule` (the synthetic cohort
+        image_size ... label_subset_seed: as in :class:`CTEHRDataModule` (the synthetic cohort
             always carries a split column, so the split fractions do not apply).
     """
 
@@ -490,6 +490,8 @@ class SyntheticCohortDataModule(CTEHRDataModule):
         predict_split: str = "test",
         cache_volumes: bool = True,
         drop_last: bool = True,
+        label_fraction: float = 1.0,
+        label_subset_seed: int = 0,
     ):
         self.root = root
         self.spec = CohortSpec(
@@ -513,6 +515,8 @@ class SyntheticCohortDataModule(CTEHRDataModule):
             predict_split=predict_split,
             cache_volumes=cache_volumes,
             drop_last=drop_last,
+            label_fraction=label_fraction,
+            label_subset_seed=label_subset_seed,
         )
 
     @property

@@ -18,6 +18,7 @@ import data_modules.ct_ehr  # noqa: F401
 import data_modules.synthetic  # noqa: F401
 import jepa_lightning.tasks  # noqa: F401
 from jepa_lightning import __version__
+from jepa_lightning.callbacks import PredictionWriter
 from jepa_lightning.tasks.base import BaseTask
 
 
@@ -34,6 +35,8 @@ class JEPALightningCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True})
+        # ``predict`` writes a Parquet file (--predictions.output, --predictions.overwrite).
+        parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.link_arguments(
             "data.image_size", "model.init_args.image_size", apply_on="instantiate"
         )
@@ -51,6 +54,9 @@ class JEPALightningCLI(LightningCLI):
         if config.checkpoint.dirpath is None:
             root = config.trainer.default_root_dir or "."
             config.checkpoint.dirpath = str(Path(root) / "checkpoints")
+        if config.predictions.output is None:
+            root = config.trainer.default_root_dir or "."
+            config.predictions.output = str(Path(root) / "predictions.parquet")
 
 
 def main(argv: list[str] | None = None) -> JEPALightningCLI:

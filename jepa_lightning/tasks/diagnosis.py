@@ -283,10 +283,16 @@ class DiagnosisTask(BaseTask):
             self.test_counts[cohort].reset()
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict[str, Any]:
+        """Per-scan probability and the pooled backbone features the head sees (``embedding``,
+        ``[B, C]``): what :class:`~jepa_lightning.callbacks.PredictionWriter` writes."""
+        if not batch:
+            return {}
+        features = self.features(batch)
         return {
             "scan_id": batch["scan_id"],
             "patient_id": batch["patient_id"],
             "cohort": batch["cohort"],
             "label": batch["label"],
-            "prob": torch.sigmoid(self(batch)),
+            "prob": torch.sigmoid(self.head(features).squeeze(-1)),
+            "embedding": features,
         }

@@ -1,0 +1,157 @@
+"""Callbacks shared by the tasks.
+
+:class:`PredictionWriter` turns ``predict`` into a file: one Parquet row per scan with its
+identifiers, label, predicted probability and backbone embedding, so statistics, plots and
+studies read predictions from disk instead of re-running models.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+log = logging.getLogger(__name__)
+
+ID_COLUMNS = ("scan_id", "patient_id", "cohort")
+REQUIRED_KEYS = (*ID_COLUMNS, "label", "prob", "embedding")
+
+
+def rank_part_path(output: Path, rank: int) -> Path:
+    """Where rank ``rank`` writes its share before rank 0 merges them."""
+    return output.with_name(f".{output.name}.rank{rank}.parquet")
+
+
+def merge_rank_parts(parts: list[Path]) -> pd.DataFrame:
+    """The predictions of every rank as one table, one row per scan.
+
+    Under DDP the ``DistributedSampler`` pads the last ranks with repeats of the first scans
+    so every rank gets as many batches; those repeats are dropped here (a scan is predicted
+    identically wherever it lands, the model being in eval mode)."""
+    frames = [pd.read_parquet(p) for p in parts]
+    table = pd.concat(frames, ignore_index=True)
+    return table.drop_duplicates("scan_id", keep="first").reset_index(drop=True)
+
+
+def write_parquet_atomically(table: pd.DataFrame, path: Path) -> None:
+    """Write to a hidden sibling then rename: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.partial")
+    table.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def predictions_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Batches of ``predict_step`` outputs -> a table with ``emb_0 .. emb_{C-1}`` columns."""
+    if not rows:
+        return pd.DataFrame(columns=[*ID_COLUMNS, "label", "prob"])
+    emb = np.concatenate([r["embedding"] for r in rows])
+    table = pd.DataFrame(
+        {
+            **{k: [v for r in rows for v in r[k]] for k in ID_COLUMNS},
+            "label": np.concatenate([r["label"] for r in rows]),
+            "prob": np.concatenate([r["prob"] for r in rows]),
+        }
+    )
+    embeddings = pd.DataFrame(emb, columns=[f"emb_{i}" for i in range(emb.shape[1])])
+    return pd.concat([table, embeddings], axis=1)
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Writes ``predict`` outputs to ``output`` (Parquet): ``scan_id, patient_id, cohort,
+    label, prob, emb_0 .. emb_{C-1}``, one row per scan, in the predict loader's order.
+
+    The task's ``predict_step`` must return a dict with ``scan_id``, ``patient_id``,
+    ``cohort`` (lists of str), ``label`` and ``prob`` (``[B]``) and ``embedding``
+    (``[B, C]``, the pooled backbone features the head sees).
+
+    Under DDP every rank writes its share to a hidden part file beside ``output``; after a
+    barrier rank 0 merges them (dropping the sampler's padding repeats), writes ``output``
+    and removes the parts. ``output`` is written atomically.
+
+    Args:
+        output: Parquet path; the CLI defaults it to ``<default_root_dir>/predictions.parquet``.
+        overwrite: replace an existing ``output``; by default ``predict`` refuses to start.
+    """
+
+    def __init__(self, output: str | None = None, overwrite: bool = False):
+        super().__init__(write_interval="batch")
+        self.output = output
+        self.overwrite = overwrite
+        self._rows: list[dict[str, Any]] = []
+
+    @property
+    def path(self) -> Path:
+        if not self.output:
+            raise ValueError(
+                "PredictionWriter has no output path: pass --predictions.output=<file>.parquet"
+            )
+        return Path(self.output)
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        path = self.path
+        if path.suffix != ".parquet":
+            raise ValueError(f"--predictions.output={path} must end in .parquet")
+        if path.exists() and not self.overwrite:
+            raise FileExistsError(
+                f"{path} exists; predict will not overwrite it: choose another "
+                "--predictions.output or pass --predictions.overwrite=true"
+            )
+        self._rows = []
+
+    def write_on_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        prediction: Any,
+        batch_indices: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if not prediction:  # every scan of the batch was skipped (on_bad_sample: skip)
+            return
+        if not isinstance(prediction, dict) or any(k not in prediction for k in REQUIRED_KEYS):
+            got = sorted(prediction) if isinstance(prediction, dict) else type(prediction).__name__
+            raise TypeError(
+                f"{type(pl_module).__name__}.predict_step must return a dict with "
+                f"{list(REQUIRED_KEYS)} for PredictionWriter; it returned {got}"
+            )
+
+        def arr(t: torch.Tensor) -> np.ndarray:
+            return t.detach().float().cpu().numpy()
+
+        self._rows.append(
+            {
+                **{k: [str(v) for v in prediction[k]] for k in ID_COLUMNS},
+                "label": arr(prediction["label"]),
+                "prob": arr(prediction["prob"]),
+                "embedding": arr(prediction["embedding"]).reshape(len(prediction["prob"]), -1),
+            }
+        )
+
+    def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        path = self.path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        table = predictions_frame(self._rows)
+        self._rows = []
+        if trainer.world_size == 1:
+            write_parquet_atomically(table, path)
+            log.info("wrote %d predictions to %s", len(table), path)
+            return
+        write_parquet_atomically(table, rank_part_path(path, trainer.global_rank))
+        trainer.strategy.barrier("predictions_written")
+        if trainer.global_rank == 0:
+            parts = [rank_part_path(path, r) for r in range(trainer.world_size)]
+            merged = merge_rank_parts(parts)
+            write_parquet_atomically(merged, path)
+            for p in parts:
+                p.unlink()
+            log.info("merged %d predictions from %d ranks into %s", len(merged), len(parts), path)
+        trainer.strategy.barrier("predictions_merged")

@@ -1,0 +1,220 @@
+"""predict -> Parquet, the study runner (micro grid, resume, bad YAML) and encoder inspection,
+through the real CLI on the tiny generated cohort."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from jepa_lightning.evaluation import inspect_encoder, study
+from jepa_lightning.evaluation.study_spec import StudyConfigError, load_study
+from jepa_lightning.main import main
+from tests.conftest import tiny_data_args
+
+CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "quickstart"
+PRETRAIN, FINETUNE = str(CONFIGS / "pretrain.yaml"), str(CONFIGS / "finetune.yaml")
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+@pytest.fixture(scope="module")
+def finetuned(tiny_cohort, tmp_path_factory) -> Path:
+    """A DiagnosisTask trained for one epoch; returns its run folder."""
+    run = tmp_path_factory.mktemp("finetune")
+    main(
+        ["fit", "--config", FINETUNE, f"--trainer.default_root_dir={run}",
+         f"--trainer.logger.init_args.save_dir={run}", "--trainer.max_epochs=1",
+         *tiny_data_args(tiny_cohort), *QUIET]
+    )  # fmt: skip
+    return run
+
+
+def _predict(run: Path, cohort: Path, *extra: str):
+    return main(
+        ["predict", "--config", FINETUNE, f"--trainer.default_root_dir={run}",
+         f"--trainer.logger.init_args.save_dir={run}", f"--ckpt_path={run}/checkpoints/last.ckpt",
+         *tiny_data_args(cohort), *QUIET, *extra]
+    )  # fmt: skip
+
+
+def test_predict_writes_parquet_and_refuses_to_overwrite(finetuned, tiny_cohort, tmp_path):
+    out = tmp_path / "preds.parquet"
+    _predict(finetuned, tiny_cohort, f"--predictions.output={out}")
+    table = pd.read_parquet(out)
+    manifest = pd.read_parquet(tiny_cohort / "manifest.parquet")
+    test = manifest[manifest["split"] == "test"]
+    assert sorted(table["scan_id"]) == sorted(test["scan_id"])  # every test scan, once
+    assert list(table.columns[:5]) == ["scan_id", "patient_id", "cohort", "label", "prob"]
+    emb = [c for c in table.columns if c.startswith("emb_")]
+    assert emb == [f"emb_{i}" for i in range(96)]  # embed_dim of the quickstart config
+    assert table["prob"].between(0, 1).all()
+    merged = table.merge(test, on="scan_id", suffixes=("", "_m"))
+    assert (merged["patient_id"] == merged["patient_id_m"]).all()
+    assert (merged["cohort"] == merged["cohort_m"]).all()
+    assert (merged["label"] == merged["label_m"]).all()
+    assert set(table["cohort"]) == {"internal", "external"}
+    before = out.stat().st_mtime_ns
+    with pytest.raises(FileExistsError, match="overwrite"):
+        _predict(finetuned, tiny_cohort, f"--predictions.output={out}")
+    assert out.stat().st_mtime_ns == before
+    _predict(finetuned, tiny_cohort, f"--predictions.output={out}", "--predictions.overwrite=true")
+    assert len(pd.read_parquet(out)) == len(table)
+
+
+def test_predict_defaults_to_the_run_folder(finetuned, tiny_cohort):
+    _predict(finetuned, tiny_cohort)
+    assert (finetuned / "predictions.parquet").exists()
+
+
+# --- study runner ---------------------------------------------------------------------------
+def _micro_study(cohort: Path, out: Path) -> dict:
+    data = tiny_data_args(cohort)
+    return {
+        "name": "micro",
+        "out": str(out),
+        "common_args": [*data, *QUIET, "--trainer.max_epochs=1"],
+        "label_fractions": [0.5],
+        "subsets": [0],
+        "reference": {"method": "supervised", "protocol": "scratch"},
+        "bootstrap": {"n_resamples": 50, "seed": 0},
+        "protocols": {
+            "linear_probe": {
+                "configs": [FINETUNE],
+                "args": ["--model.init_args.freeze_backbone=true"],
+            },
+            "scratch": {"configs": [FINETUNE], "pretrained": False},
+        },
+        "methods": {
+            "jepa": {"pretrain": PRETRAIN, "protocols": ["linear_probe"]},
+            "supervised": {"protocols": ["scratch"]},
+        },
+    }
+
+
+def test_study_micro_grid_writes_table_and_plots_then_resumes(tiny_cohort, tmp_path, capsys):
+    cfg = tmp_path / "micro.yaml"
+    out = tmp_path / "study"
+    cfg.write_text(yaml.safe_dump(_micro_study(tiny_cohort, out)))
+    assert study.main(["--config", str(cfg), "--dry-run"]) is None
+    assert "2 runs: 0 done, 2 to run" in capsys.readouterr().out
+    table = study.main(["--config", str(cfg)])
+    for name in ("results.csv", "results.md", "roc_internal.png", "roc_external.png", "tsne.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert set(table["cohort"]) == {"internal", "external"}
+    assert set(table["method"]) == {"jepa", "supervised"}
+    for col in ("auroc_mean", "auroc_ci_low", "auroc_ci_high", "auprc_mean"):
+        assert table[col].between(0, 1).all(), col
+    assert (table["auroc_ci_low"] <= table["auroc_ci_high"]).all()
+    ref = table["method"] == "supervised"
+    assert table.loc[ref, "auroc_p_vs_ref"].isna().all()
+    assert table.loc[~ref, "auroc_p_vs_ref"].between(0, 1).all()
+    md = (out / "results.md").read_text()
+    assert "| jepa | linear_probe | 50 % | external |" in md and "ref" in md
+    assert (out / "pretrain" / "jepa" / "done.json").exists()
+    # The probe started from the pretraining checkpoint the marker names.
+    marker = study.read_marker(out / "runs" / "jepa__linear_probe__f0.5__s0")
+    assert any(a.startswith("--model.init_args.init_from=") for a in marker["argv"])
+
+    capsys.readouterr()
+    again = study.main(["--config", str(cfg)])
+    log = capsys.readouterr().out
+    assert "2 already done, 0 to run" in log and "running" not in log
+    pd.testing.assert_frame_equal(again, table)
+
+    # A run whose folder lacks the marker (interrupted) is run again, alone.
+    (out / "runs" / "supervised__scratch__f0.5__s0" / "done.json").unlink()
+    study.main(["--config", str(cfg)])
+    log = capsys.readouterr().out
+    assert "1 already done, 1 to run" in log and "removing the interrupted run" in log
+
+    # Changing a run's arguments under the same out folder is refused, not mixed in.
+    changed = _micro_study(tiny_cohort, out)
+    changed["protocols"]["scratch"]["args"] = ["--model.init_args.lr=1e-2"]
+    cfg.write_text(yaml.safe_dump(changed))
+    with pytest.raises(study.StudyStateError, match="other arguments"):
+        study.main(["--config", str(cfg)])
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d.update(label_fraction=[0.1]), "unknown key label_fraction"),
+        (lambda d: d["methods"]["jepa"].update(protcols=["x"]), "methods.jepa.protcols"),
+        (lambda d: d["methods"]["jepa"].update(protocols=["nope"]), "methods.jepa.protocols names 'nope'"),
+        (lambda d: d["methods"]["supervised"].update(protocols=["linear_probe"]), "methods.supervised.pretrain is not set"),
+        (lambda d: d["methods"]["jepa"].update(pretrain="missing.yaml"), "methods.jepa.pretrain names missing.yaml"),
+        (lambda d: d.update(label_fractions=[0.0]), "label_fractions"),
+        (lambda d: d.update(reference={"method": "x", "protocol": "scratch"}), "reference x/scratch"),
+        (lambda d: d["bootstrap"].update(n_resamples=0), "bootstrap.n_resamples"),
+        (lambda d: d.pop("protocols"), "missing required key protocols"),
+    ],
+)  # fmt: skip
+def test_bad_study_yaml_names_the_key(tiny_cohort, tmp_path, edit, message):
+    data = _micro_study(tiny_cohort, tmp_path / "out")
+    edit(data)
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    with pytest.raises(StudyConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_study(cfg)
+
+
+def test_quick_study_config_is_valid():
+    root = Path(__file__).resolve().parents[1]
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        s = load_study("experiments/studies/quick.yaml")
+    finally:
+        os.chdir(cwd)
+    assert len(s.runs()) == 16 and s.reference == ("supervised_multimodal", "scratch")
+
+
+# --- encoder inspection ---------------------------------------------------------------------
+def test_inspect_encoder_writes_pngs(tiny_cohort, tmp_path):
+    run = tmp_path / "pretrain"
+    main(
+        ["fit", "--config", PRETRAIN, f"--trainer.default_root_dir={run}",
+         f"--trainer.logger.init_args.save_dir={run}", "--trainer.max_epochs=1",
+         *tiny_data_args(tiny_cohort), *QUIET]
+    )  # fmt: skip
+    ckpt = run / "checkpoints" / "last.ckpt"
+    out = tmp_path / "inspect"
+    paths = inspect_encoder.main(
+        ["--ckpt", str(ckpt), "--manifest", str(tiny_cohort / "manifest.parquet"),
+         "--out", str(out), "--n-scans", "2", "--anchor", "1,2,1"]
+    )  # fmt: skip
+    assert [p.name for p in paths] == ["pca.png", "similarity.png"]
+    import matplotlib.image as mpimg
+
+    for p in paths:
+        img = mpimg.imread(p)
+        assert img.ndim == 3 and img.shape[0] > 100 and img[..., :3].std() > 0.05
+    with pytest.raises(ValueError, match="outside the patch grid"):
+        inspect_encoder.main(
+            ["--ckpt", str(ckpt), "--manifest", str(tiny_cohort / "manifest.parquet"),
+             "--out", str(out), "--anchor", "9,0,0"]
+        )  # fmt: skip
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        inspect_encoder.main(["--ckpt", str(tmp_path / "x.ckpt"), "--manifest", "m", "--out", "o"])
+
+
+def test_pca_and_similarity_maps_on_known_embeddings():
+    import torch
+
+    # Two kinds of patch (left half / right half) -> PC1 separates them; the anchor's own
+    # patch has similarity 1 and the other kind is dissimilar.
+    emb = torch.zeros(1, 2, 2, 4, 8)
+    emb[..., :2, 0] = 1.0
+    emb[..., 2:, 1] = 1.0
+    emb += 0.01 * torch.randn_like(emb)
+    rgb = inspect_encoder.pca_rgb(emb)
+    assert rgb.shape == (1, 3, 2, 2, 4) and rgb.min() >= 0 and rgb.max() <= 1
+    left, right = rgb[0, 0, ..., :2].mean(), rgb[0, 0, ..., 2:].mean()
+    assert abs(left - right) > 0.8
+    sim = inspect_encoder.anchor_similarity(emb, (0, 0, 0))
+    assert sim[0, 0, 0, 0] == pytest.approx(1.0)
+    assert sim[0, ..., :2].min() > 0.9 and sim[0, ..., 2:].max() < 0.1
