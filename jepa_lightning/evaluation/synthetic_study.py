@@ -112,9 +112,7 @@ class SyntheticStudy:
     knobs: dict[str, tuple[str, dict[Any, Any], str]]  # name -> (data key, {x: value}, text)
     model: tuple[str, str]
     against: list[tuple[str, str]]
-    n_resamples: int = 1000
-    bootstrap_seed: int = 0
-    level: float = 0.95
+    bootstrap: dict[str, Any] = field(default_factory=dict)  # overrides the grid's
     source: str = "<synthetic study>"
     scenarios: list[Scenario] = field(default_factory=list)
 
@@ -138,12 +136,18 @@ class SyntheticStudy:
     def scenario_study(self, scenario: Scenario) -> Study:
         study = load_study(self.grid, str(self.out / "scenarios" / scenario.scenario_id))
         study.common_args = [*study.common_args, *scenario.data_args(self.cohort_root)]
-        study.n_resamples, study.bootstrap_seed, study.level = (
-            self.n_resamples,
-            self.bootstrap_seed,
-            self.level,
-        )
+        study.n_resamples = int(self.bootstrap.get("n_resamples", study.n_resamples))
+        study.bootstrap_seed = int(self.bootstrap.get("seed", study.bootstrap_seed))
+        study.level = float(self.bootstrap.get("level", study.level))
         return study
+
+    @property
+    def level(self) -> float:
+        return float(self.bootstrap.get("level", load_study(self.grid).level))
+
+    @property
+    def n_resamples(self) -> int:
+        return int(self.bootstrap.get("n_resamples", load_study(self.grid).n_resamples))
 
 
 def knob_defaults() -> dict[str, Any]:
@@ -236,9 +240,7 @@ def parse_synthetic_study(data: Any, source: str = "<synthetic study>") -> Synth
         knobs=knobs,
         model=model,
         against=against,
-        n_resamples=int(boot.get("n_resamples", 1000)),
-        bootstrap_seed=int(boot.get("seed", 0)),
-        level=float(boot.get("level", 0.95)),
+        bootstrap=dict(boot),
         source=source,
     )
 
