@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install quickstart study-quick test test-full lint format bench bench-data clean
+.PHONY: help install quickstart study-quick synthetic-study-quick synthetic-study test test-full lint format bench bench-data clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -23,6 +23,12 @@ install: $(STAMP) ## Create .venv and install torch ($(TORCH)) then the project 
 
 quickstart: $(STAMP) ## Synthetic cohort -> JEPA pretrain -> finetune (JEPA init vs scratch) -> results table
 	$(PY) -m jepa_lightning.evaluation.quickstart --out runs/quickstart --seeds 0 1 2
+
+synthetic-study-quick: $(STAMP) ## Synthetic environment study, quick: report.md + knobs.png in runs/synthetic-study-quick
+	$(PY) -m jepa_lightning.evaluation.synthetic_study --config experiments/synthetic_study/quick.yaml
+
+synthetic-study: $(STAMP) ## Synthetic environment study, full (every knob, 3 seeds): runs/synthetic-study
+	$(PY) -m jepa_lightning.evaluation.synthetic_study --config experiments/synthetic_study/full.yaml
 
 study-quick: $(STAMP) ## Small study grid on the synthetic cohort (CPU): table, ROC curves, t-SNE in runs/study-quick
 	$(PY) -m jepa_lightning.evaluation.study --config experiments/studies/quick.yaml

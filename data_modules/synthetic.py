@@ -7,6 +7,12 @@ Causal structure, per patient (all standard normal):
 * the malignancy label comes from all three groups through a logistic link, with the share
   of the logit's variance given by ``label_weights = (shared, image_only, ehr_only)``.
 
+``structure="independent"`` removes every shared cause: the image side and the EHR side each
+draw their own copy of the "shared" causes, and the label's shared share is split evenly
+between the two copies. The label is then a sum of independent causal variables, and
+neither modality says anything about the other's causes — the regime in which the
+multimodal JEPA paper expects cross-modal prediction to teach the encoder nothing useful.
+
 The CT is a nodule-centred field of view of lung parenchyma (about -850 HU, textured),
 a few vessels, and a nodule whose radius, density (ground glass .. solid) and margin
 spiculation are functions of the causes, plus scanner noise; saved as int16 NIfTI in HU
@@ -16,7 +22,8 @@ with a true affine (spacing in mm). The EHR vector holds clinical-signature-like
 Two cohorts: ``internal`` (train/val/test by patient; only ``labeled_fraction`` of training
 patients carry a label — the rest is the unlabelled archive) and ``external`` (test only,
 all labelled) with a site shift: HU offset, more noise, another voxel spacing, EHR coding
-shift and another prevalence.
+shift and another prevalence. :class:`ExternalShift` dials each of these from 0 (the
+external site is a copy of the internal one) to 1 (:data:`MAX_EXTERNAL_SHIFT`).
 
 Run ``python -m data_modules.synthetic --root data/cohort`` or let
 :class:`SyntheticCohortDataModule` generate it on first use.
@@ -32,6 +39,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import nibabel as nib
 import numpy as np
@@ -41,6 +49,7 @@ from tqdm.auto import tqdm
 from data_modules.ct_ehr import CTEHRDataModule
 
 FORMAT_VERSION = 1
+STRUCTURES = ("shared", "independent")
 NAMED_FEATURES = [  # (name, kind, location, scale)
     ("age", "cont", 65.0, 8.0),
     ("pack_years", "count", 3.0, 0.6),
@@ -67,6 +76,59 @@ class SiteShift:
 
 
 @dataclass(frozen=True)
+class ExternalShift:
+    """Strength, 0..1, of each way the external site differs from the internal one.
+
+    0 makes that aspect of the external site identical to the internal site; 1 moves it
+    all the way to :data:`MAX_EXTERNAL_SHIFT`. The defaults (0.5 each) give the external
+    cohort the quickstart has always used.
+
+    Args:
+        hu: scanner calibration offset (0 .. +120 HU).
+        noise: image noise (1x .. 2.2x the internal scanner's).
+        spacing: voxel spacing ((1, 1, 1.25) mm .. (0.6, 0.6, 2.75) mm).
+        ehr: coding shift added to a third of the EHR features (0 .. 1 latent sd).
+        prevalence: malignancy prevalence (the internal 0.3 .. 0.6).
+    """
+
+    hu: float = 0.5
+    noise: float = 0.5
+    spacing: float = 0.5
+    ehr: float = 0.5
+    prevalence: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"external_shift.{name}={value}: each strength must be in [0, 1]")
+
+
+MAX_EXTERNAL_SHIFT = SiteShift(
+    hu_offset=120.0, noise_scale=2.2, spacing=(0.6, 0.6, 2.75), ehr_shift=1.0, prevalence=0.6
+)
+
+
+def external_site(shift: ExternalShift, internal: SiteShift | None = None) -> SiteShift:
+    """The external site between ``internal`` (strength 0) and the maximal shift (1).
+
+    Values are rounded to 6 decimals so that a cohort's saved settings compare equal to the
+    same strengths asked for again.
+    """
+    a, b = internal or SiteShift(), MAX_EXTERNAL_SHIFT
+
+    def lerp(x: float, y: float, t: float) -> float:
+        return round(x + t * (y - x), 6)
+
+    return SiteShift(
+        hu_offset=lerp(a.hu_offset, b.hu_offset, shift.hu),
+        noise_scale=lerp(a.noise_scale, b.noise_scale, shift.noise),
+        spacing=tuple(lerp(x, y, shift.spacing) for x, y in zip(a.spacing, b.spacing, strict=True)),
+        ehr_shift=lerp(a.ehr_shift, b.ehr_shift, shift.ehr),
+        prevalence=lerp(a.prevalence, b.prevalence, shift.prevalence),
+    )
+
+
+@dataclass(frozen=True)
 class CohortSpec:
     """Everything that determines a synthetic cohort; saved as ``cohort.json`` beside it."""
 
@@ -86,12 +148,9 @@ class CohortSpec:
     volume_shape: tuple[int, int, int] = (40, 40, 40)
     image_noise_hu: float = 25.0
     internal: SiteShift = field(default_factory=SiteShift)
-    external: SiteShift = field(
-        default_factory=lambda: SiteShift(
-            hu_offset=60.0, noise_scale=1.6, spacing=(0.8, 0.8, 2.0), ehr_shift=0.5, prevalence=0.45
-        )
-    )
+    external: SiteShift = field(default_factory=lambda: external_site(ExternalShift()))
     seed: int = 0
+    structure: str = "shared"
 
     def __post_init__(self) -> None:
         if self.n_ehr_features < len(NAMED_FEATURES):
@@ -100,6 +159,17 @@ class CohortSpec:
             raise ValueError("need n_shared >= 3, n_image_only >= 2 and n_ehr_only >= 1")
         if not 0 <= self.labeled_fraction <= 1:
             raise ValueError("labeled_fraction must be in [0, 1]")
+        if not 0 <= self.ehr_missing_rate < 1:
+            raise ValueError(f"ehr_missing_rate={self.ehr_missing_rate} must be in [0, 1)")
+        if self.structure not in STRUCTURES:
+            raise ValueError(f"structure={self.structure!r}: choose one of {STRUCTURES}")
+        if len(self.label_weights) != 3 or min(self.label_weights) < 0:
+            raise ValueError(
+                f"label_weights={self.label_weights}: give three non-negative weights "
+                "(shared, image_only, ehr_only)"
+            )
+        if sum(self.label_weights) == 0:
+            raise ValueError("label_weights are all 0: the label would carry no signal")
 
     def to_json(self) -> dict:
         return json.loads(json.dumps(asdict(self)))  # tuples -> lists, comparable with a file
@@ -137,11 +207,16 @@ def _logit(p: float) -> float:
 
 
 def patient_causes(rng: np.random.Generator, spec: CohortSpec) -> dict[str, np.ndarray]:
-    return {
+    """Standard-normal causes. Under the independent structure the EHR side gets its own
+    draw (``ehr_side``) in place of the ``shared`` causes, which then reach the image only."""
+    causes = {
         "shared": rng.standard_normal(spec.n_shared),
         "image_only": rng.standard_normal(spec.n_image_only),
         "ehr_only": rng.standard_normal(spec.n_ehr_only),
     }
+    if spec.structure == "independent":
+        causes["ehr_side"] = rng.standard_normal(spec.n_shared)
+    return causes
 
 
 def label_logit(causes: dict[str, np.ndarray], spec: CohortSpec, prevalence: float) -> float:
@@ -149,6 +224,8 @@ def label_logit(causes: dict[str, np.ndarray], spec: CohortSpec, prevalence: flo
     ws, wi, we = (max(0.0, w) for w in spec.label_weights)
     total = ws + wi + we or 1.0
     summary = {k: v.sum() / math.sqrt(len(v)) for k, v in causes.items()}
+    if "ehr_side" in causes:  # independent: the shared share comes half from each side
+        summary["shared"] = (summary["shared"] + summary["ehr_side"]) / math.sqrt(2)
     signal = (
         math.sqrt(ws / total) * summary["shared"]
         + math.sqrt(wi / total) * summary["image_only"]
@@ -228,7 +305,8 @@ def ehr_vector(
     site: SiteShift,
 ) -> np.ndarray:
     """Clinical-unit EHR values (NaN = missing) from shared and EHR-only causes."""
-    latent = causes["shared"] @ world.shared_loadings + causes["ehr_only"] @ world.ehr_only_loadings
+    shared = causes.get("ehr_side", causes["shared"])
+    latent = shared @ world.shared_loadings + causes["ehr_only"] @ world.ehr_only_loadings
     latent = latent + spec.ehr_noise * rng.standard_normal(spec.n_ehr_features)
     latent = latent + site.ehr_shift * world.coding_shift_features
     values = latent.copy()
@@ -325,6 +403,7 @@ def generate_cohort(
                     **{f"shared_{k}": v for k, v in enumerate(causes["shared"])},
                     **{f"image_only_{k}": v for k, v in enumerate(causes["image_only"])},
                     **{f"ehr_only_{k}": v for k, v in enumerate(causes["ehr_only"])},
+                    **{f"ehr_side_{k}": v for k, v in enumerate(causes.get("ehr_side", []))},
                     **nodule,
                 }
             )
@@ -349,11 +428,14 @@ def ensure_cohort(root: str | Path, spec: CohortSpec, progress: bool = True) -> 
     info = root / "cohort.json"
     if info.exists():
         saved = json.loads(info.read_text())
-        if saved.get("spec") != spec.to_json() or saved.get("format_version") != FORMAT_VERSION:
+        # Settings added after a cohort was written default to the behaviour it was written
+        # with, so older cohorts stay valid.
+        saved_spec = {**CohortSpec().to_json(), **saved.get("spec", {})}
+        if saved_spec != spec.to_json() or saved.get("format_version") != FORMAT_VERSION:
             diff = {
-                k: (saved.get("spec", {}).get(k), v)
+                k: (saved_spec.get(k), v)
                 for k, v in spec.to_json().items()
-                if saved.get("spec", {}).get(k) != v
+                if saved_spec.get(k) != v
             }
             raise FileExistsError(
                 f"{root} holds a synthetic cohort generated with other settings "
@@ -379,6 +461,11 @@ class SyntheticCohortDataModule(CTEHRDataModule):
         seed: cohort seed (the cohort is a deterministic function of the settings).
         label_weights: share of the label logit's variance from (shared, image-only,
             EHR-only) causes.
+        structure: ``"shared"`` (image and EHR share causes) or ``"independent"`` (no
+            shared cause: each modality has its own; see the module docstring).
+        ehr_missing_rate: probability that an EHR value is missing (age never is).
+        external_shift: strength 0..1 of each aspect of the external site's shift (HU
+            offset, noise, voxel spacing, EHR coding, prevalence).
         image_size ... label_subset_seed: as in :class:`CTEHRDataModule` (the synthetic cohort
             always carries a split column, so the split fractions do not apply).
     """
@@ -392,6 +479,9 @@ class SyntheticCohortDataModule(CTEHRDataModule):
         n_ehr_features: int = 32,
         seed: int = 0,
         label_weights: tuple[float, float, float] = (0.7, 0.2, 0.1),
+        structure: Literal["shared", "independent"] = "shared",
+        ehr_missing_rate: float = 0.15,
+        external_shift: ExternalShift | None = None,
         image_size: int | list[int] = 32,
         batch_size: int = 32,
         num_workers: int = 0,
@@ -411,6 +501,9 @@ class SyntheticCohortDataModule(CTEHRDataModule):
             n_ehr_features=n_ehr_features,
             label_weights=tuple(label_weights),
             seed=seed,
+            structure=structure,
+            ehr_missing_rate=ehr_missing_rate,
+            external=external_site(external_shift or ExternalShift()),
         )
         super().__init__(
             manifest=str(Path(root) / "manifest.parquet"),
@@ -446,13 +539,33 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--labeled-fraction", type=float, default=CohortSpec.labeled_fraction)
     parser.add_argument("--n-ehr-features", type=int, default=CohortSpec.n_ehr_features)
     parser.add_argument("--seed", type=int, default=CohortSpec.seed)
+    parser.add_argument("--structure", choices=STRUCTURES, default=CohortSpec.structure)
+    parser.add_argument(
+        "--label-weights",
+        type=float,
+        nargs=3,
+        default=CohortSpec.label_weights,
+        metavar=("SHARED", "IMAGE_ONLY", "EHR_ONLY"),
+    )
+    parser.add_argument("--ehr-missing-rate", type=float, default=CohortSpec.ehr_missing_rate)
+    parser.add_argument(
+        "--external-shift",
+        type=float,
+        default=0.5,
+        help="strength 0..1 of every aspect of the external site's shift",
+    )
     args = parser.parse_args(argv)
+    s = args.external_shift
     spec = CohortSpec(
         n_patients=args.n_patients,
         n_external=args.n_external,
         labeled_fraction=args.labeled_fraction,
         n_ehr_features=args.n_ehr_features,
         seed=args.seed,
+        structure=args.structure,
+        label_weights=tuple(args.label_weights),
+        ehr_missing_rate=args.ehr_missing_rate,
+        external=external_site(ExternalShift(s, s, s, s, s)),
     )
     path = ensure_cohort(args.root, spec)
     print(f"cohort ready: {path}")

@@ -1,0 +1,520 @@
+"""The synthetic environment study: when does multimodal JEPA pretraining help?
+
+For each value of each scenario knob of the synthetic cohort (see
+:mod:`data_modules.synthetic`), generate that cohort and run the same method grid (a
+study YAML for :mod:`jepa_lightning.evaluation.study`: JEPA pretraining then finetune and
+linear probe, against supervised multimodal and imaging-only models) on it; then put the
+scenarios side by side: a table, a figure of AUROC with bootstrap CI bands against each
+knob, internal and external, and a generated report that says where JEPA helped, tied or
+hurt against each supervised baseline, with the numbers.
+
+``python -m jepa_lightning.evaluation.synthetic_study --config
+experiments/synthetic_study/quick.yaml`` (``make synthetic-study-quick``); ``--dry-run``
+lists the scenarios and their runs. Everything resumes: a scenario is a study in its own
+folder, and finished runs are skipped.
+
+```yaml
+name: synthetic-quick
+out: runs/synthetic-study-quick
+grid: experiments/synthetic_study/grid-quick.yaml  # the study YAML run in every scenario
+cohort_root: data/synthetic/study                   # one cohort per scenario under here
+data: {n_patients: 300, n_external: 120}            # data.init_args for every scenario
+compare:                                            # the verdicts of the report
+  model: {method: jepa, protocol: finetune}
+  against:
+    - {method: supervised_multimodal, protocol: scratch}
+    - {method: supervised_image, protocol: scratch}
+knobs:
+  structure: {key: structure, values: [shared, independent]}
+  shared_share:                  # x value -> the data value it stands for
+    key: label_weights
+    values: {0.0: [0.0, 0.67, 0.33], 1.0: [1.0, 0.0, 0.0]}
+```
+
+Scenarios with the same data settings (e.g. the default value of two knobs) are run once
+and shared: a scenario's folder and cohort are named by a hash of its settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from jepa_lightning.evaluation import stats
+from jepa_lightning.evaluation.study import (
+    METRIC_NAMES,
+    StudyStateError,
+    load_predictions,
+    run_status,
+    run_study,
+    summarise,
+)
+from jepa_lightning.evaluation.study_spec import Run, Study, StudyConfigError, load_study
+from jepa_lightning.evaluation.tables import markdown_table
+
+TOP_KEYS = {"name", "out", "grid", "cohort_root", "data", "compare", "knobs", "bootstrap"}
+KNOB_KEYS = {"key", "values", "description"}
+# Data keys a knob may set: the synthetic cohort's scenario settings.
+KNOB_DATA_KEYS = {
+    "structure",
+    "label_weights",
+    "labeled_fraction",
+    "ehr_missing_rate",
+    "external_shift",
+    "n_patients",
+    "n_external",
+    "seed",
+}
+
+
+def _say(msg: str) -> None:
+    print(f"[synthetic-study] {msg}", flush=True)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One synthetic cohort: the base data settings with one knob set to one value."""
+
+    knob: str
+    x: Any
+    data: tuple[tuple[str, str], ...]  # sorted (key, JSON value) pairs
+
+    @property
+    def scenario_id(self) -> str:
+        digest = hashlib.sha1(json.dumps(self.data).encode()).hexdigest()[:10]
+        return f"s-{digest}"
+
+    def data_args(self, cohort_root: Path) -> list[str]:
+        args = [f"--data.init_args.root={cohort_root / self.scenario_id}"]
+        for key, encoded in self.data:
+            value = json.loads(encoded)  # strings go bare: jsonargparse reads '"x"' as quoted
+            args.append(f"--data.init_args.{key}={value if isinstance(value, str) else encoded}")
+        return args
+
+
+@dataclass
+class SyntheticStudy:
+    name: str
+    out: Path
+    grid: Path
+    cohort_root: Path
+    data: dict[str, Any]
+    knobs: dict[str, tuple[str, dict[Any, Any], str]]  # name -> (data key, {x: value}, text)
+    model: tuple[str, str]
+    against: list[tuple[str, str]]
+    bootstrap: dict[str, Any] = field(default_factory=dict)  # overrides the grid's
+    source: str = "<synthetic study>"
+    scenarios: list[Scenario] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        # Every knob's key is set in every scenario (to its default where another knob is
+        # varied), so scenarios with the same settings get the same id and run once.
+        defaults = knob_defaults()
+        fixed = {key: defaults[key] for key, _, _ in self.knobs.values()}
+        for knob, (key, values, _) in self.knobs.items():
+            for x, value in values.items():
+                data = {**fixed, **self.data, key: value}
+                pairs = tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in data.items()))
+                self.scenarios.append(Scenario(knob, x, pairs))
+
+    def unique_scenarios(self) -> list[Scenario]:
+        seen: dict[str, Scenario] = {}
+        for s in self.scenarios:
+            seen.setdefault(s.scenario_id, s)
+        return list(seen.values())
+
+    def scenario_study(self, scenario: Scenario) -> Study:
+        study = load_study(self.grid, str(self.out / "scenarios" / scenario.scenario_id))
+        study.common_args = [*study.common_args, *scenario.data_args(self.cohort_root)]
+        study.n_resamples = int(self.bootstrap.get("n_resamples", study.n_resamples))
+        study.bootstrap_seed = int(self.bootstrap.get("seed", study.bootstrap_seed))
+        study.level = float(self.bootstrap.get("level", study.level))
+        return study
+
+    @property
+    def level(self) -> float:
+        return float(self.bootstrap.get("level", load_study(self.grid).level))
+
+    @property
+    def n_resamples(self) -> int:
+        return int(self.bootstrap.get("n_resamples", load_study(self.grid).n_resamples))
+
+
+def knob_defaults() -> dict[str, Any]:
+    """The synthetic data module's default for every knob, as plain JSON-able values."""
+    import inspect
+    from dataclasses import asdict
+
+    from data_modules.synthetic import ExternalShift, SyntheticCohortDataModule
+
+    params = inspect.signature(SyntheticCohortDataModule.__init__).parameters
+    out = {k: params[k].default for k in KNOB_DATA_KEYS if k in params}
+    out["external_shift"] = asdict(ExternalShift())
+    return json.loads(json.dumps(out))  # tuples -> lists, as YAML gives them
+
+
+def _err(source: str, msg: str) -> StudyConfigError:
+    return StudyConfigError(f"{source}: {msg}")
+
+
+def _model(value: Any, key: str, source: str) -> tuple[str, str]:
+    if not isinstance(value, dict) or set(value) != {"method", "protocol"}:
+        raise _err(source, f"{key} must be a mapping with method and protocol, got {value!r}")
+    return (str(value["method"]), str(value["protocol"]))
+
+
+def parse_synthetic_study(data: Any, source: str = "<synthetic study>") -> SyntheticStudy:
+    """Validate a loaded synthetic-study YAML; every error names the key."""
+    if not isinstance(data, dict):
+        raise _err(source, f"a synthetic study is a mapping with keys {sorted(TOP_KEYS)}")
+    unknown = sorted(set(data) - TOP_KEYS)
+    if unknown:
+        raise _err(source, f"unknown key {unknown[0]} (allowed: {sorted(TOP_KEYS)})")
+    for key in ("name", "grid", "knobs", "compare"):
+        if key not in data:
+            raise _err(source, f"missing required key {key}")
+    grid = Path(data["grid"])
+    if not grid.is_file():
+        raise _err(source, f"grid names {grid}, which is not a file (relative to the cwd)")
+    grid_study = load_study(grid)
+    base = data.get("data") or {}
+    if not isinstance(base, dict):
+        raise _err(source, "data must be a mapping of data.init_args keys")
+    if "root" in base:
+        raise _err(source, "data.root is set per scenario; use cohort_root instead")
+
+    knobs: dict[str, tuple[str, dict[Any, Any], str]] = {}
+    if not isinstance(data["knobs"], dict) or not data["knobs"]:
+        raise _err(source, "knobs must be a non-empty mapping")
+    for name, spec in data["knobs"].items():
+        where = f"knobs.{name}"
+        if not isinstance(spec, dict):
+            raise _err(source, f"{where} must be a mapping with key and values")
+        bad = sorted(set(spec) - KNOB_KEYS)
+        if bad:
+            raise _err(source, f"unknown key {where}.{bad[0]} (allowed: {sorted(KNOB_KEYS)})")
+        key = spec.get("key")
+        if key not in KNOB_DATA_KEYS:
+            raise _err(
+                source, f"{where}.key={key!r} is not a scenario setting ({sorted(KNOB_DATA_KEYS)})"
+            )
+        values = spec.get("values")
+        if isinstance(values, list) and values:
+            values = {(v if isinstance(v, int | float | str) else json.dumps(v)): v for v in values}
+        if not isinstance(values, dict) or len(values) < 2:
+            raise _err(source, f"{where}.values must list at least two values (or map x -> value)")
+        knobs[name] = (key, values, str(spec.get("description", "")))
+
+    compare = data["compare"]
+    if not isinstance(compare, dict) or set(compare) != {"model", "against"}:
+        raise _err(source, "compare must be a mapping with model and against")
+    model = _model(compare["model"], "compare.model", source)
+    against_raw = compare["against"]
+    if not isinstance(against_raw, list) or not against_raw:
+        raise _err(source, "compare.against must be a non-empty list")
+    against = [_model(a, f"compare.against[{i}]", source) for i, a in enumerate(against_raw)]
+    for m, p in [model, *against]:
+        if m not in grid_study.methods or p not in grid_study.methods[m].protocols:
+            raise _err(source, f"compare names {m}/{p}, which is not a run of the grid {grid}")
+
+    boot = data.get("bootstrap") or {}
+    if not isinstance(boot, dict) or set(boot) - {"n_resamples", "seed", "level"}:
+        raise _err(source, "bootstrap may set n_resamples, seed and level")
+    name = data["name"]
+    return SyntheticStudy(
+        name=str(name),
+        out=Path(data.get("out") or f"runs/synthetic-study-{name}"),
+        grid=grid,
+        cohort_root=Path(data.get("cohort_root") or "data/synthetic/study"),
+        data=base,
+        knobs=knobs,
+        model=model,
+        against=against,
+        bootstrap=dict(boot),
+        source=source,
+    )
+
+
+def load_synthetic_study(path: str | Path) -> SyntheticStudy:
+    path = Path(path)
+    if not path.is_file():
+        raise StudyConfigError(f"synthetic study config {path} does not exist")
+    return parse_synthetic_study(yaml.safe_load(path.read_text()), str(path))
+
+
+# --- comparisons ----------------------------------------------------------------------------
+def compare_models(
+    study: Study,
+    frames: dict[Run, pd.DataFrame],
+    model: tuple[str, str],
+    reference: tuple[str, str],
+    cohort: str,
+    fraction: float,
+) -> dict[str, float]:
+    """AUROC of ``model`` minus ``reference`` (each averaged over the grid's subsets) on the
+    same scans of ``cohort``, with its patient-level bootstrap CI and paired p-value."""
+    cols: dict[str, pd.DataFrame] = {}
+    for tag, (m, p) in (("model", model), ("ref", reference)):
+        for s in study.subsets:
+            f = frames[Run(m, p, fraction, s)]
+            cols[f"{tag}|{s}"] = f[f["cohort"] == cohort]
+    table = stats.align(cols)
+    table = table[table["label"].notna()]
+    label = table["label"].to_numpy().astype(int)
+    names = list(cols)
+    probs = table[names].to_numpy()
+    resamples = stats.patient_bootstrap(
+        table["patient_id"], study.n_resamples, study.bootstrap_seed
+    )
+    dist = stats.bootstrap_distribution("auroc", probs, label, resamples)
+    is_model = np.array([n.startswith("model|") for n in names])
+    delta_dist = dist[:, is_model].mean(1) - dist[:, ~is_model].mean(1)
+    points = np.array([stats.metric("auroc", probs[:, i], label) for i in range(len(names))])
+    low, high = stats.percentile_ci(delta_dist, study.level)
+    return {
+        "delta": float(points[is_model].mean() - points[~is_model].mean()),
+        "delta_low": low,
+        "delta_high": high,
+        "p_value": stats.paired_p_value(delta_dist),
+    }
+
+
+def verdict(low: float, high: float) -> str:
+    """``helped`` / ``hurt`` when the CI of the difference excludes 0, else ``tied``."""
+    if low > 0:
+        return "helped"
+    if high < 0:
+        return "hurt"
+    return "tied"
+
+
+# --- running and collecting -----------------------------------------------------------------
+def run_all(spec: SyntheticStudy) -> None:
+    unique = spec.unique_scenarios()
+    t0 = time.perf_counter()
+    for i, scenario in enumerate(unique, 1):
+        study = spec.scenario_study(scenario)
+        todo = sum(not done for _, done in run_status(study))
+        shown = ", ".join(f"{k}={v}" for k, v in scenario.data if k not in spec.data)
+        _say(
+            f"scenario {i}/{len(unique)} {scenario.scenario_id} ({scenario.knob}: {shown}); "
+            f"{todo} runs to do; elapsed {(time.perf_counter() - t0) / 60:.1f} min"
+        )
+        study.out.mkdir(parents=True, exist_ok=True)
+        run_study(study)
+
+
+def collect(spec: SyntheticStudy) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The per-model table and the comparison table, one block of rows per scenario
+    (a scenario shared by two knobs appears under both)."""
+    rows, comparisons = [], []
+    cache: dict[str, tuple[Study, dict[Run, pd.DataFrame], pd.DataFrame]] = {}
+    for scenario in spec.scenarios:
+        if scenario.scenario_id not in cache:
+            study = spec.scenario_study(scenario)
+            frames = load_predictions(study)
+            cache[scenario.scenario_id] = (study, frames, summarise(study, frames))
+        study, frames, table = cache[scenario.scenario_id]
+        table = table.copy()
+        table.insert(0, "knob", scenario.knob)
+        table.insert(1, "x", str(scenario.x))
+        table.insert(2, "scenario", scenario.scenario_id)
+        rows.append(table)
+        for fraction in study.label_fractions:
+            for cohort in sorted(table["cohort"].unique()):
+                for ref in spec.against:
+                    c = compare_models(study, frames, spec.model, ref, cohort, fraction)
+                    comparisons.append(
+                        {
+                            "knob": scenario.knob,
+                            "x": str(scenario.x),
+                            "scenario": scenario.scenario_id,
+                            "label_pct": 100 * fraction,
+                            "cohort": cohort,
+                            "model": "/".join(spec.model),
+                            "reference": "/".join(ref),
+                            **c,
+                            "verdict": verdict(c["delta_low"], c["delta_high"]),
+                        }
+                    )
+    return pd.concat(rows, ignore_index=True), pd.DataFrame(comparisons)
+
+
+# --- outputs --------------------------------------------------------------------------------
+def knob_figure(spec: SyntheticStudy, table: pd.DataFrame, path: Path) -> Path:
+    """AUROC (mean over subsets, bootstrap CI band) against each knob's values: one row of
+    panels per knob, one column per cohort, one line per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cohorts = sorted(table["cohort"].unique())
+    knobs = list(spec.knobs)
+    fig, axes = plt.subplots(
+        len(knobs), len(cohorts), figsize=(4.6 * len(cohorts), 3.4 * len(knobs)), squeeze=False
+    )
+    fraction = table["label_pct"].max()
+    for r, knob in enumerate(knobs):
+        xs = [str(x) for x in spec.knobs[knob][1]]
+        numeric = all(_is_number(x) for x in xs)
+        pos = [float(x) for x in xs] if numeric else list(range(len(xs)))
+        for c, cohort in enumerate(cohorts):
+            ax = axes[r][c]
+            sub = table[
+                (table["knob"] == knob)
+                & (table["cohort"] == cohort)
+                & (table["label_pct"] == fraction)
+            ]
+            for i, ((method, protocol), g) in enumerate(
+                sub.groupby(["method", "protocol"], sort=False)
+            ):
+                g = g.set_index("x").loc[xs]
+                colour = f"C{i}"
+                ax.plot(
+                    pos, g["auroc_mean"], marker="o", color=colour, label=f"{method} / {protocol}"
+                )
+                ax.fill_between(
+                    pos, g["auroc_ci_low"], g["auroc_ci_high"], color=colour, alpha=0.15
+                )
+            ax.axhline(0.5, ls=":", color="grey", lw=1)
+            ax.set_xticks(pos, xs)
+            ax.set(title=f"{cohort}", xlabel=knob, ylabel="AUROC")
+            if r == 0 and c == len(cohorts) - 1:
+                ax.legend(fontsize=7, loc="best")
+    fig.suptitle(
+        f"Synthetic study {spec.name}: AUROC (mean over subsets, {spec.level:.0%} CI band)"
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _is_number(x: str) -> bool:
+    try:
+        float(x)
+    except ValueError:
+        return False
+    return True
+
+
+def _ci(low: float, high: float) -> str:
+    return f"[{low:+.3f}, {high:+.3f}]"
+
+
+def report(spec: SyntheticStudy, table: pd.DataFrame, comparisons: pd.DataFrame) -> str:
+    """Markdown: per knob and value, the model against each reference, and the regimes in
+    which it helped, tied or hurt — every claim with its number and CI."""
+    model = "/".join(spec.model)
+    lines = [
+        f"# Synthetic study `{spec.name}`: when does {model} help?",
+        "",
+        f"Config `{spec.source}`; method grid `{spec.grid}`; base data settings "
+        f"`{json.dumps(spec.data)}`. AUROC on each cohort's test scans, mean over the grid's "
+        f"subsets; Δ = {model} minus the reference on the same scans, with its patient-level "
+        f"bootstrap {spec.level:.0%} CI ({spec.n_resamples} resamples). *helped* / *hurt*: "
+        "the CI excludes 0; *tied*: it does not.",
+        "",
+    ]
+    verdicts = {"helped": [], "tied": [], "hurt": []}
+    for knob, (key, _, text) in spec.knobs.items():
+        lines += [f"## {knob} (`data.init_args.{key}`)", ""]
+        if text:
+            lines += [text, ""]
+        sub = comparisons[comparisons["knob"] == knob]
+        rows = []
+        for r in sub.itertuples(index=False):
+            ref_row = table[
+                (table["knob"] == knob)
+                & (table["x"] == r.x)
+                & (table["cohort"] == r.cohort)
+                & (table["label_pct"] == r.label_pct)
+            ]
+            mine = ref_row[(ref_row["method"] + "/" + ref_row["protocol"]) == model]
+            theirs = ref_row[(ref_row["method"] + "/" + ref_row["protocol"]) == r.reference]
+            rows.append(
+                {
+                    knob: r.x,
+                    "cohort": r.cohort,
+                    "reference": r.reference,
+                    model: f"{mine['auroc_mean'].iloc[0]:.3f}",
+                    "reference AUROC": f"{theirs['auroc_mean'].iloc[0]:.3f}",
+                    "Δ AUROC": f"{r.delta:+.3f}",
+                    f"Δ {spec.level:.0%} CI": _ci(r.delta_low, r.delta_high),
+                    "p": f"{r.p_value:.3f}",
+                    "verdict": r.verdict,
+                }
+            )
+            verdicts[r.verdict].append(
+                f"{knob}={r.x}, {r.cohort}, vs {r.reference}: Δ {r.delta:+.3f} "
+                f"{_ci(r.delta_low, r.delta_high)}"
+            )
+        lines += [markdown_table(pd.DataFrame(rows)), ""]
+    lines += ["## Where it helped, tied and hurt", ""]
+    for v in ("helped", "tied", "hurt"):
+        items = verdicts[v]
+        lines.append(
+            f"**{v}** ({len(items)} of {len(comparisons)} comparisons)" + (":" if items else ".")
+        )
+        lines += [f"- {i}" for i in items]
+        lines.append("")
+    lines += ["![AUROC against each knob](knobs.png)", ""]
+    return "\n".join(lines)
+
+
+def write_outputs(spec: SyntheticStudy, wall_s: float | None = None) -> str:
+    table, comparisons = collect(spec)
+    spec.out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(spec.out / "results.csv", index=False)
+    comparisons.to_csv(spec.out / "comparisons.csv", index=False)
+    knob_figure(spec, table, spec.out / "knobs.png")
+    text = report(spec, table, comparisons)
+    if wall_s is not None:
+        text += f"\nWall time of this invocation: {wall_s / 60:.1f} min.\n"
+    (spec.out / "report.md").write_text(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> str | None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", required=True, help="experiments/synthetic_study/*.yaml")
+    parser.add_argument("--dry-run", action="store_true", help="list scenarios and runs only")
+    args = parser.parse_args(argv)
+    spec = load_synthetic_study(args.config)
+    if args.dry_run:
+        for s in spec.unique_scenarios():
+            knobs = [f"{x.knob}={x.x}" for x in spec.scenarios if x.scenario_id == s.scenario_id]
+            status = run_status(spec.scenario_study(s))
+            done = sum(d for _, d in status)
+            print(f"{s.scenario_id} ({', '.join(knobs)}): {done}/{len(status)} runs done")
+        return None
+    t0 = time.perf_counter()
+    run_all(spec)
+    text = write_outputs(spec, time.perf_counter() - t0)
+    print(text)
+    _say(f"wrote {spec.out / 'report.md'}, results.csv, comparisons.csv, knobs.png")
+    return text
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (StudyStateError, ValueError) as err:
+        sys.exit(f"error: {err}")
+
+
+__all__ = ["METRIC_NAMES", "SyntheticStudy", "load_synthetic_study", "main", "verdict"]

@@ -1,0 +1,174 @@
+"""The synthetic environment study: config checks, scenario de-duplication, the verdict rule,
+the paired comparison, and a micro study through the real CLI (run, resume, outputs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from jepa_lightning.evaluation import synthetic_study as ss
+from jepa_lightning.evaluation.study_spec import Run, StudyConfigError, parse_study
+
+ROOT = Path(__file__).resolve().parents[1]
+FINETUNE = str(ROOT / "experiments" / "quickstart" / "finetune.yaml")
+PRETRAIN = str(ROOT / "experiments" / "quickstart" / "pretrain.yaml")
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+def _grid(tmp_path: Path) -> Path:
+    grid = {
+        "name": "micro-grid",
+        "common_args": [
+            *QUIET,
+            "--trainer.max_epochs=1",
+            "--data.init_args.batch_size=8",
+            "--data.init_args.num_workers=0",
+            "--data.init_args.n_ehr_features=12",
+        ],
+        "label_fractions": [1.0],
+        "subsets": [0],
+        "reference": {"method": "supervised", "protocol": "scratch"},
+        "bootstrap": {"n_resamples": 50, "seed": 0, "level": 0.95},
+        "protocols": {
+            "finetune": {"configs": [FINETUNE], "pretrained": True},
+            "scratch": {"configs": [FINETUNE], "pretrained": False},
+        },
+        "methods": {
+            "jepa": {"pretrain": PRETRAIN, "protocols": ["finetune"]},
+            "supervised": {"protocols": ["scratch"]},
+        },
+    }
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return path
+
+
+def _spec(tmp_path: Path, **over) -> dict:
+    spec = {
+        "name": "micro",
+        "out": str(tmp_path / "out"),
+        "grid": str(_grid(tmp_path)),
+        "cohort_root": str(tmp_path / "cohorts"),
+        "data": {"n_patients": 40, "n_external": 12, "labeled_fraction": 0.5},
+        "compare": {
+            "model": {"method": "jepa", "protocol": "finetune"},
+            "against": [{"method": "supervised", "protocol": "scratch"}],
+        },
+        "knobs": {"structure": {"key": "structure", "values": ["shared", "independent"]}},
+    }
+    spec.update(over)
+    return spec
+
+
+def test_scenarios_with_the_same_settings_run_once(tmp_path):
+    spec = _spec(
+        tmp_path,
+        knobs={
+            "structure": {"key": "structure", "values": ["shared", "independent"]},
+            "missing": {"key": "ehr_missing_rate", "values": [0.15, 0.5]},
+        },
+    )
+    study = ss.parse_synthetic_study(spec, "micro.yaml")
+    assert len(study.scenarios) == 4
+    # structure=shared and ehr_missing_rate=0.15 are both the default cohort
+    assert len(study.unique_scenarios()) == 3
+    args = study.scenarios[1].data_args(Path("c"))  # structure=independent
+    assert "--data.init_args.structure=independent" in args  # strings go unquoted
+    assert "--data.init_args.ehr_missing_rate=0.15" in args  # the other knob at its default
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"colour": 1}, "unknown key colour"),
+        ({"knobs": {"k": {"key": "volume", "values": [1, 2]}}}, "knobs.k.key='volume'"),
+        ({"knobs": {"k": {"key": "structure", "values": ["shared"]}}}, "knobs.k.values"),
+        ({"knobs": {"k": {"key": "structure", "values": [1, 2], "step": 1}}}, "knobs.k.step"),
+        (
+            {
+                "compare": {
+                    "model": {"method": "mae", "protocol": "finetune"},
+                    "against": [{"method": "supervised", "protocol": "scratch"}],
+                }
+            },
+            "mae/finetune",
+        ),
+        ({"data": {"root": "x"}}, "cohort_root"),
+        ({"grid": "nowhere.yaml"}, "nowhere.yaml"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path, change, message):
+    with pytest.raises(StudyConfigError, match=message.replace("[", r"\[").replace(".", r"\.")):
+        ss.parse_synthetic_study(_spec(tmp_path, **change), "micro.yaml")
+
+
+def test_verdict_rule():
+    assert ss.verdict(0.01, 0.2) == "helped"
+    assert ss.verdict(-0.2, -0.01) == "hurt"
+    assert ss.verdict(-0.05, 0.05) == "tied"
+
+
+def _frame(probs: np.ndarray, labels: np.ndarray) -> pd.DataFrame:
+    n = len(labels)
+    return pd.DataFrame(
+        {
+            "scan_id": [f"s{i}" for i in range(n)],
+            "patient_id": [f"p{i}" for i in range(n)],
+            "cohort": "internal",
+            "label": labels.astype(float),
+            "prob": probs,
+        }
+    )
+
+
+def test_compare_models_finds_a_clear_difference_and_a_tie(tmp_path):
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 300)
+    good = np.clip(y * 0.6 + rng.random(300) * 0.5, 0, 1)  # nearly separable
+    noise = rng.random(300)
+    study = parse_study(yaml.safe_load(_grid(tmp_path).read_text()), "g", str(tmp_path / "o"))
+    study.n_resamples = 200
+    frames = {
+        Run("jepa", "finetune", 1.0, 0): _frame(good, y),
+        Run("supervised", "scratch", 1.0, 0): _frame(noise, y),
+    }
+    c = ss.compare_models(
+        study, frames, ("jepa", "finetune"), ("supervised", "scratch"), "internal", 1.0
+    )
+    assert c["delta"] > 0.3 and c["delta_low"] > 0 and c["p_value"] < 0.01
+    frames[Run("supervised", "scratch", 1.0, 0)] = _frame(good, y)
+    c = ss.compare_models(
+        study, frames, ("jepa", "finetune"), ("supervised", "scratch"), "internal", 1.0
+    )
+    assert c["delta"] == 0 and ss.verdict(c["delta_low"], c["delta_high"]) == "tied"
+
+
+def test_micro_study_runs_resumes_and_reports(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    path = tmp_path / "micro.yaml"
+    path.write_text(yaml.safe_dump(_spec(tmp_path)))
+    text = ss.main(["--config", str(path)])
+    out = tmp_path / "out"
+    for name in ("report.md", "results.csv", "comparisons.csv", "knobs.png"):
+        assert (out / name).exists(), name
+    comparisons = pd.read_csv(out / "comparisons.csv")
+    assert set(comparisons["x"]) == {"shared", "independent"}
+    assert set(comparisons["cohort"]) == {"internal", "external"}
+    assert set(comparisons["verdict"]) <= {"helped", "tied", "hurt"}
+    assert "## structure" in text and "Where it helped, tied and hurt" in text
+    # the two scenarios are two cohorts, generated with the asked-for structure
+    cohorts = sorted((tmp_path / "cohorts").iterdir())
+    assert len(cohorts) == 2
+    structures = {
+        yaml.safe_load((c / "cohort.json").read_text())["spec"]["structure"] for c in cohorts
+    }
+    assert structures == {"shared", "independent"}
+    # resume: nothing runs again
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("done.json")}
+    assert len(before) == 2 * 3  # per scenario: a pretraining and two runs
+    ss.main(["--config", str(path)])
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("done.json")} == before
