@@ -305,7 +305,7 @@ def run_all(spec: SyntheticStudy) -> None:
     for i, scenario in enumerate(unique, 1):
         study = spec.scenario_study(scenario)
         todo = sum(not done for _, done in run_status(study))
-        shown = ", ".join(f"{k}={v}" for k, v in scenario.data if k not in spec.data)
+        shown = ", ".join(f"{k}={json.loads(v)}" for k, v in scenario.data if k not in spec.data)
         _say(
             f"scenario {i}/{len(unique)} {scenario.scenario_id} ({scenario.knob}: {shown}); "
             f"{todo} runs to do; elapsed {(time.perf_counter() - t0) / 60:.1f} min"
