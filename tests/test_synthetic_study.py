@@ -172,3 +172,21 @@ def test_micro_study_runs_resumes_and_reports(tmp_path, monkeypatch):
     assert len(before) == 2 * 3  # per scenario: a pretraining and two runs
     ss.main(["--config", str(path)])
     assert {p: p.stat().st_mtime_ns for p in out.rglob("done.json")} == before
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(str(p.relative_to(ROOT)) for p in (ROOT / "experiments").glob("*stud*/*.yaml")),
+)
+def test_every_shipped_study_config_parses(path, monkeypatch):
+    """Every study YAML we ship names existing configs and known keys (what --dry-run checks)."""
+    from jepa_lightning.evaluation.study_spec import load_study
+
+    monkeypatch.chdir(ROOT)
+    if path.startswith("experiments/synthetic_study/") and not path.split("/")[-1].startswith(
+        "grid"
+    ):
+        study = ss.load_synthetic_study(path)
+        assert study.unique_scenarios()
+    else:
+        assert load_study(path).runs()
