@@ -249,6 +249,20 @@ class JEPAMaskCollator:
 # (as MAE does) rather than in the loader workers.
 
 
+def step_generator(
+    seed: int, rank: int, step: int, batch_idx: int, device: torch.device | str = "cpu"
+) -> torch.Generator:
+    """A generator for the random views drawn *on* a training/validation step (MAE, MSN).
+
+    Why not the global RNG: ``seed_everything`` seeds it identically on every DDP rank, so
+    masks drawn from it repeat across ranks and the global batch sees ``1 / world_size`` of
+    the mask diversity. Keying on (run seed, rank, step, batch) gives every rank its own
+    stream and needs no state in checkpoints: a resumed run redraws the same masks.
+    """
+    key = hash((int(seed), int(rank), int(step), int(batch_idx))) & (2**63 - 1)
+    return torch.Generator(device=device).manual_seed(key)
+
+
 def random_masks(
     batch_size: int,
     n_patches: int,

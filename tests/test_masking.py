@@ -436,3 +436,38 @@ def test_collator_state_round_trip_resumes_the_stream(rank0):
     other_rank = _collator(rank=1)
     other_rank.load_state_dict(state)  # rank 0's state is ignored on rank 1: streams stay distinct
     assert not _same_masks(expected[0], other_rank.masks(2))
+
+
+def test_step_generator_is_distinct_per_rank_and_reproducible_per_step():
+    from jepa_lightning.masking import random_masks, step_generator
+
+    def keep(rank, step, batch_idx=0):
+        return random_masks(4, 64, 16, generator=step_generator(7, rank, step, batch_idx))[0]
+
+    assert torch.equal(keep(0, 5), keep(0, 5))  # a resumed run redraws the same masks
+    assert not torch.equal(keep(0, 5), keep(1, 5))  # DDP ranks draw their own masks
+    assert not torch.equal(keep(0, 5), keep(0, 6))
+    assert not torch.equal(keep(0, 5, 0), keep(0, 5, 1))  # accumulated micro-batches differ
+
+
+def test_mae_and_msn_draw_step_masks_from_the_given_generator():
+    from jepa_lightning.masking import step_generator
+    from jepa_lightning.tasks import MAE, MSN
+
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "image": torch.rand(2, 1, 32, 32, 32, generator=g),
+        "ehr": torch.randn(2, 12, generator=g),
+        "ehr_missing": torch.zeros(2, 12, dtype=torch.bool),
+        "label": torch.tensor([0.0, 1.0]),
+    }
+    for model in (
+        MAE(n_ehr_features=12, embed_dim=48, depth=1),
+        MSN(n_ehr_features=12, embed_dim=48, depth=1),
+    ):
+        model.eval()
+        with torch.no_grad():
+            same = [model.ssl_losses(batch, step_generator(0, 0, 3, 0))["loss"] for _ in range(2)]
+            other = model.ssl_losses(batch, step_generator(0, 1, 3, 0))["loss"]
+        assert torch.equal(same[0], same[1])
+        assert not torch.equal(same[0], other)

@@ -13,6 +13,7 @@ from torchmetrics.classification import BinaryAUROC
 
 from jepa_lightning.collapse import effective_rank, mean_feature_std
 from jepa_lightning.losses import masked_bce_with_logits
+from jepa_lightning.masking import step_generator
 from jepa_lightning.tasks.base import BaseTask
 
 
@@ -35,8 +36,23 @@ class SSLTask(BaseTask):
         self.val_probe_auroc = BinaryAUROC()
         self._val_embeddings: list[torch.Tensor] = []
 
-    def ssl_losses(self, batch: dict) -> dict[str, torch.Tensor]:
+    def ssl_losses(
+        self, batch: dict, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The method's losses; random views are drawn from ``generator`` (the global RNG
+        when None, as in unit tests)."""
         raise NotImplementedError
+
+    def _step_generator(self, batch: dict, batch_idx: int) -> torch.Generator:
+        # Training and validation keys differ (validation runs at a fixed global_step).
+        offset = 0 if self.training else 1 << 40
+        return step_generator(
+            torch.initial_seed(),
+            self.global_rank,
+            self.global_step + offset,
+            batch_idx,
+            batch["image"].device,
+        )
 
     def _log_scalars(self, out: dict, stage: str, bs: int) -> None:
         for name, value in out.items():
@@ -53,7 +69,7 @@ class SSLTask(BaseTask):
     def training_step(self, batch: dict, batch_idx: int):
         if not batch:  # every sample of the batch was skipped as bad input
             return None
-        out = self.ssl_losses(batch)
+        out = self.ssl_losses(batch, self._step_generator(batch, batch_idx))
         logits = self.probe(out["pooled"].detach()).squeeze(-1)
         probe_loss = masked_bce_with_logits(logits, batch["label"])
         bs = len(batch["label"])
@@ -64,7 +80,7 @@ class SSLTask(BaseTask):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         if not batch:
             return
-        out = self.ssl_losses(batch)
+        out = self.ssl_losses(batch, self._step_generator(batch, batch_idx))
         self._log_scalars(out, "val", len(batch["label"]))
         pooled = out["pooled"].detach()
         labelled = ~torch.isnan(batch["label"])

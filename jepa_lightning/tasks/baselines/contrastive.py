@@ -63,7 +63,10 @@ class ImageEHRContrastive(SSLTask):
         self.ehr_proj = nn.Linear(embed_dim, proj_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
 
-    def ssl_losses(self, batch: dict) -> dict[str, torch.Tensor]:
+    def ssl_losses(
+        self, batch: dict, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        del generator  # CLIP draws no random views
         image = self.encoder(batch["image"]).mean(1)
         ehr = self.encoder(None, batch["ehr"], batch["ehr_missing"]).mean(1)
         scale = self.logit_scale.exp().clamp(max=self.hparams.max_logit_scale)

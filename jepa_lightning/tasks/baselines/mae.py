@@ -68,10 +68,12 @@ class MAE(SSLTask):
             self.encoder.grid, embed_dim, patch_voxels, decoder_dim, decoder_depth, decoder_heads
         )
 
-    def ssl_losses(self, batch: dict) -> dict[str, torch.Tensor]:
+    def ssl_losses(
+        self, batch: dict, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
         image = batch["image"]
         keep, masked = random_masks(
-            len(image), self.encoder.num_patches, self.n_keep, device=image.device
+            len(image), self.encoder.num_patches, self.n_keep, image.device, generator
         )
         visible = self.encoder(image, image_keep=keep)
         pred = self.decoder(visible, keep)

@@ -29,11 +29,11 @@ def projection_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential
     )
 
 
-def random_flips(volume: torch.Tensor) -> torch.Tensor:
+def random_flips(volume: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Flip each sample of ``[B, C, D, H, W]`` independently along each spatial axis with
     probability 1/2: a label-preserving view augmentation for nodule volumes."""
     for axis in (2, 3, 4):
-        flip = torch.rand(volume.shape[0], device=volume.device) < 0.5
+        flip = torch.rand(volume.shape[0], device=volume.device, generator=generator) < 0.5
         volume = torch.where(flip.view(-1, 1, 1, 1, 1), volume.flip(axis), volume)
     return volume
 
@@ -136,19 +136,24 @@ class MSN(SSLTask):
         self.target_projector.eval()
         return self
 
-    def anchor_embeddings(self, batch: dict) -> torch.Tensor:
+    def anchor_embeddings(
+        self, batch: dict, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """Pooled encoder output of every anchor view, view-major, ``[B * M, C]``."""
         image = batch["image"]
         b, n = len(image), self.encoder.num_patches
         h = self.hparams
-        keeps = [random_masks(b, n, self.n_keep, image.device)[0] for _ in range(h.n_random_views)]
+        keeps = [
+            random_masks(b, n, self.n_keep, image.device, generator)[0]
+            for _ in range(h.n_random_views)
+        ]
         keeps += [
-            focal_masks(b, self.encoder.grid, self.focal_block, image.device)
+            focal_masks(b, self.encoder.grid, self.focal_block, image.device, generator)
             for _ in range(h.n_focal_views)
         ]
         views = []
         for keep in keeps:
-            view = random_flips(image) if h.flip_views else image
+            view = random_flips(image, generator) if h.flip_views else image
             views.append(self.encoder(view, image_keep=keep).mean(1))
         z = torch.cat(views)
         if h.use_ehr:
@@ -156,7 +161,9 @@ class MSN(SSLTask):
             z = self.fuse(torch.cat([z, ehr.repeat(len(keeps), 1)], dim=1))
         return z
 
-    def ssl_losses(self, batch: dict) -> dict[str, torch.Tensor]:
+    def ssl_losses(
+        self, batch: dict, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
         h = self.hparams
         with torch.no_grad():
             pooled = self.target_encoder(batch["image"]).mean(1)
@@ -167,7 +174,7 @@ class MSN(SSLTask):
                 h.sharpen_temperature,
             )
         anchor_probs = prototype_probabilities(
-            self.projector(self.anchor_embeddings(batch)), self.prototypes, h.temperature
+            self.projector(self.anchor_embeddings(batch, generator)), self.prototypes, h.temperature
         )
         loss, ce, mean_entropy = msn_loss(anchor_probs, target_probs, h.me_max_weight)
         return {"loss": loss, "loss_ce": ce, "mean_entropy": mean_entropy, "pooled": pooled}
