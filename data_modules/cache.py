@@ -24,7 +24,8 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -89,3 +90,36 @@ class AtomicPersistentDataset(PersistentDataset):
             if tmp is not None and os.path.exists(tmp):
                 os.unlink(tmp)  # only left when the write failed or was interrupted
         return entry
+
+
+# --- in-RAM volume caches shared by the data modules of one process ------------------------
+_shared_volume_caches: dict[str, dict] | None = None
+
+
+@contextmanager
+def shared_volume_cache() -> Iterator[None]:
+    """Inside this block, data modules of this process that preprocess volumes the same way
+    share one in-RAM volume cache (``cache_volumes``), keyed by
+    :func:`data_modules.transforms.pipeline_key`.
+
+    Why: a study builds a fresh data module for every run, which would decode and resample
+    every NIfTI again (most of a short run's time). Volumes from the same file and the same
+    preprocessing are identical, so within a study they are decoded once. Nested blocks share
+    the outer block's caches; on leaving the outermost block the caches are dropped.
+    """
+    global _shared_volume_caches
+    outer = _shared_volume_caches
+    if outer is None:
+        _shared_volume_caches = {}
+    try:
+        yield
+    finally:
+        _shared_volume_caches = outer
+
+
+def volume_cache_for(key: str) -> dict:
+    """The in-RAM volume cache for preprocessing ``key``: the shared one inside
+    :func:`shared_volume_cache`, a fresh dict otherwise."""
+    if _shared_volume_caches is None:
+        return {}
+    return _shared_volume_caches.setdefault(key, {})

@@ -20,7 +20,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
-from data_modules.cache import AtomicPersistentDataset
+from data_modules.cache import AtomicPersistentDataset, volume_cache_for
 from data_modules.ehr_table import EHRJoin, ehr_table_features, join_ehr, read_ehr_table
 from data_modules.label_subsets import LabelFractionError, apply_label_fraction
 from data_modules.manifest import (
@@ -444,7 +444,9 @@ class CTEHRDataModule(L.LightningDataModule):
         """Decode + preprocess every volume of ``rows`` once (through the disk cache when
         there is one). Bad files raise or are dropped and counted."""
         if self._cache is None:
-            self._cache = {}
+            self._cache = volume_cache_for(
+                pipeline_key(self.image_size, self.hu_window, self.preprocess)
+            )
         pipeline, disk = self.pipeline(), self.disk_cache(rows)
         items = volume_items(rows)
         keep = np.ones(len(rows), dtype=bool)

@@ -47,6 +47,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from data_modules.ct_ehr import CTEHRDataModule
+from data_modules.transforms import CTAugment, CTPreprocess
 
 FORMAT_VERSION = 1
 STRUCTURES = ("shared", "independent")
@@ -467,7 +468,9 @@ class SyntheticCohortDataModule(CTEHRDataModule):
         external_shift: strength 0..1 of each aspect of the external site's shift (HU
             offset, noise, voxel spacing, EHR coding, prevalence).
         image_size ... label_subset_seed: as in :class:`CTEHRDataModule` (the synthetic cohort
-            always carries a split column, so the split fractions do not apply).
+            always carries a split column, so the split fractions do not apply), including
+            its preprocessing (``hu_window``, ``preprocess``), train-time ``augment``, disk
+            ``cache_dir`` and ``streaming``: the synthetic cohort is the place to try them.
     """
 
     def __init__(
@@ -485,11 +488,17 @@ class SyntheticCohortDataModule(CTEHRDataModule):
         image_size: int | list[int] = 32,
         batch_size: int = 32,
         num_workers: int = 0,
-        on_bad_sample: str = "raise",
+        on_bad_sample: Literal["raise", "skip"] = "raise",
+        hu_window: tuple[float, float] = (-1000.0, 400.0),
         require_labels: bool = False,
-        predict_split: str = "test",
+        predict_split: Literal["train", "val", "test", "all"] = "test",
         cache_volumes: bool = True,
         drop_last: bool = True,
+        preprocess: CTPreprocess | None = None,
+        augment: CTAugment | None = None,
+        cache_dir: str | None = None,
+        streaming: bool = False,
+        stream_seed: int = 0,
         label_fraction: float = 1.0,
         label_subset_seed: int = 0,
     ):
@@ -511,10 +520,16 @@ class SyntheticCohortDataModule(CTEHRDataModule):
             batch_size=batch_size,
             num_workers=num_workers,
             on_bad_sample=on_bad_sample,
+            hu_window=hu_window,
             require_labels=require_labels,
             predict_split=predict_split,
             cache_volumes=cache_volumes,
             drop_last=drop_last,
+            preprocess=preprocess,
+            augment=augment,
+            cache_dir=cache_dir,
+            streaming=streaming,
+            stream_seed=stream_seed,
             label_fraction=label_fraction,
             label_subset_seed=label_subset_seed,
         )

@@ -132,3 +132,40 @@ def test_datamodule_disk_cache_from_init_args(volumes, tmp_path, count_decodes):
     assert sorted(x.sum().item() for x in epoch1) == pytest.approx(
         sorted(x.sum().item() for x in epoch2)
     )
+
+
+def test_shared_volume_cache_is_shared_only_between_identical_preprocessing(tiny_cohort):
+    """The study runners' shared in-RAM cache: one decode per preprocessing setting, never a
+    volume preprocessed one way handed to a data module that preprocesses it another way."""
+    from data_modules.cache import shared_volume_cache
+    from data_modules.synthetic import SyntheticCohortDataModule
+    from data_modules.transforms import CTPreprocess
+    from tests.conftest import TINY
+
+    def module(**kw):
+        dm = SyntheticCohortDataModule(root=str(tiny_cohort), **TINY, **kw)
+        dm.setup("validate")
+        return dm
+
+    with shared_volume_cache():
+        a, b = module(), module()
+        other = module(hu_window=(-1200.0, 600.0))
+        spaced = module(preprocess=CTPreprocess(spacing=(2.0, 2.0, 2.0)))
+        assert a._cache is b._cache and len(a._cache) == len(a.dataset("val"))
+        assert other._cache is not a._cache and spaced._cache is not a._cache
+        with shared_volume_cache():  # nested: still the outer block's caches
+            assert module()._cache is a._cache
+    assert module()._cache is not a._cache  # outside the block every module decodes its own
+
+
+def test_synthetic_data_module_passes_cache_dir_and_preprocessing_through(tiny_cohort, tmp_path):
+    from data_modules.synthetic import SyntheticCohortDataModule
+    from tests.conftest import TINY
+
+    dm = SyntheticCohortDataModule(
+        root=str(tiny_cohort), **TINY, cache_dir=str(tmp_path / "cache"), hu_window=(-900.0, 300.0)
+    )
+    dm.setup("validate")
+    n_val = len(dm.dataset("val"))
+    assert dm.hu_window == (-900.0, 300.0)
+    assert len(list((tmp_path / "cache").rglob("*.pt"))) == n_val  # decoded through the disk cache

@@ -28,7 +28,6 @@ import os
 import shutil
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -131,33 +130,6 @@ def run_argv(study: Study, run: Run, init_from: str | None) -> list[str]:
 
 
 # --- running --------------------------------------------------------------------------------
-@contextmanager
-def shared_volume_cache():
-    """Let every data module of this process share its decoded volumes.
-
-    Each run builds a fresh data module, which would decode and resample every NIfTI again
-    (on the quick study that was most of a short run's time). Volumes preprocessed with the
-    same ``image_size`` and HU window are identical, so within the study they are decoded
-    once: the data module's own in-RAM cache (``cache_volumes``) is pointed at a dict shared
-    per preprocessing setting. Nothing else about the data module changes."""
-    from data_modules.ct_ehr import CTEHRDataModule
-
-    caches: dict[tuple, dict] = {}
-    original = CTEHRDataModule.fill_cache
-
-    def fill_cache(self, rows, name):
-        if self._cache is None:
-            key = (tuple(self.image_size), tuple(self.hu_window))
-            self._cache = caches.setdefault(key, {})
-        return original(self, rows, name)
-
-    CTEHRDataModule.fill_cache = fill_cache
-    try:
-        yield
-    finally:
-        CTEHRDataModule.fill_cache = original
-
-
 def _cli(argv: list[str]):
     from jepa_lightning.main import main as cli_main  # heavy import, only when running
 
@@ -435,6 +407,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame | None:
         return None
     study.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    from data_modules.cache import shared_volume_cache  # heavy (MONAI), only when running
+
     with shared_volume_cache():
         run_study(study)
     _say("bootstrap statistics and plots")

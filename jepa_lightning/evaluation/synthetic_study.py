@@ -311,7 +311,10 @@ def run_all(spec: SyntheticStudy) -> None:
             f"{todo} runs to do; elapsed {(time.perf_counter() - t0) / 60:.1f} min"
         )
         study.out.mkdir(parents=True, exist_ok=True)
-        run_study(study)
+        from data_modules.cache import shared_volume_cache  # heavy (MONAI): only when running
+
+        with shared_volume_cache():  # one decode per scenario, not one per run
+            run_study(study)
 
 
 def collect(spec: SyntheticStudy) -> tuple[pd.DataFrame, pd.DataFrame]:
