@@ -3,6 +3,7 @@ through the real CLI on the tiny generated cohort."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -78,6 +79,12 @@ def _micro_study(cohort: Path, out: Path) -> dict:
         "label_fractions": [0.5],
         "subsets": [0],
         "reference": {"method": "supervised", "protocol": "scratch"},
+        "comparisons": [
+            {
+                "model": {"method": "jepa", "protocol": "linear_probe"},
+                "against": {"method": "supervised", "protocol": "scratch"},
+            }
+        ],
         "bootstrap": {"n_resamples": 50, "seed": 0},
         "protocols": {
             "linear_probe": {
@@ -132,6 +139,17 @@ def test_study_micro_grid_writes_table_and_plots_then_resumes(micro_study, tiny_
     md = (out / "results.md").read_text()
     assert "| jepa | linear_probe | 50 % | external |" in md and "ref" in md
     assert (out / "pretrain" / "jepa" / "done.json").exists()
+    # comparisons: the pair's difference on the same scans, the same test as the table's p
+    pairs = pd.read_csv(out / "comparisons.csv")
+    assert len(pairs) == 2 * 2  # 2 cohorts x (AUROC, AUPRC)
+    for r in pairs.itertuples():
+        rows = table[table["cohort"] == r.cohort].set_index("method")
+        assert r.delta == pytest.approx(
+            rows.loc["jepa", f"{r.metric}_mean"] - rows.loc["supervised", f"{r.metric}_mean"]
+        )
+        assert r.p_value == pytest.approx(rows.loc["jepa", f"{r.metric}_p_vs_ref"])
+        assert r.delta_low <= r.delta_high and r.verdict in {"helped", "tied", "hurt"}
+    assert "## Comparisons" in md and "| jepa / linear_probe | supervised / scratch |" in md
     # The probe started from the pretraining checkpoint the marker names.
     marker = study.read_marker(out / "runs" / "jepa__linear_probe__f0.5__s0")
     assert any(a.startswith("--model.init_args.init_from=") for a in marker["argv"])
@@ -167,6 +185,8 @@ def test_study_micro_grid_writes_table_and_plots_then_resumes(micro_study, tiny_
         (lambda d: d.update(label_fractions=[0.0]), "label_fractions"),
         (lambda d: d.update(reference={"method": "x", "protocol": "scratch"}), "reference x/scratch"),
         (lambda d: d["bootstrap"].update(n_resamples=0), "bootstrap.n_resamples"),
+        (lambda d: d["comparisons"][0]["against"].update(protocol="finetune"), "comparisons[0].against supervised/finetune"),
+        (lambda d: d["comparisons"][0].pop("model"), "comparisons[0] must be a mapping with model and against"),
         (lambda d: d.pop("protocols"), "missing required key protocols"),
     ],
 )  # fmt: skip
@@ -175,7 +195,7 @@ def test_bad_study_yaml_names_the_key(tiny_cohort, tmp_path, edit, message):
     edit(data)
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(yaml.safe_dump(data))
-    with pytest.raises(StudyConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(StudyConfigError, match=re.escape(message)):
         load_study(cfg)
 
 

@@ -294,6 +294,95 @@ def summarise(study: Study, frames: dict[Run, pd.DataFrame]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def compare_models(
+    study: Study,
+    frames: dict[Run, pd.DataFrame],
+    model: tuple[str, str],
+    reference: tuple[str, str],
+    cohort: str,
+    fraction: float,
+    name: str = "auroc",
+) -> dict[str, float]:
+    """Metric ``name`` of ``model`` minus ``reference`` (each averaged over the grid's
+    subsets) on the same scans of ``cohort``, with its patient-level bootstrap CI and
+    paired p-value."""
+    cols: dict[str, pd.DataFrame] = {}
+    for tag, (m, p) in (("model", model), ("ref", reference)):
+        for s in study.subsets:
+            f = frames[Run(m, p, fraction, s)]
+            cols[f"{tag}|{s}"] = f[f["cohort"] == cohort]
+    table = stats.align(cols)
+    table = table[table["label"].notna()]
+    label = table["label"].to_numpy().astype(int)
+    names = list(cols)
+    probs = table[names].to_numpy()
+    resamples = stats.patient_bootstrap(
+        table["patient_id"], study.n_resamples, study.bootstrap_seed
+    )
+    dist = stats.bootstrap_distribution(name, probs, label, resamples)
+    is_model = np.array([n.startswith("model|") for n in names])
+    delta_dist = dist[:, is_model].mean(1) - dist[:, ~is_model].mean(1)
+    points = np.array([stats.metric(name, probs[:, i], label) for i in range(len(names))])
+    low, high = stats.percentile_ci(delta_dist, study.level)
+    return {
+        "delta": float(points[is_model].mean() - points[~is_model].mean()),
+        "delta_low": low,
+        "delta_high": high,
+        "p_value": stats.paired_p_value(delta_dist),
+    }
+
+
+def verdict(low: float, high: float) -> str:
+    """``helped`` / ``hurt`` when the CI of the difference excludes 0, else ``tied``."""
+    if low > 0:
+        return "helped"
+    if high < 0:
+        return "hurt"
+    return "tied"
+
+
+def comparisons_table(study: Study, frames: dict[Run, pd.DataFrame]) -> pd.DataFrame:
+    """The study's ``comparisons``: per pair, label fraction, cohort and metric, the
+    difference with its patient-level bootstrap CI, paired p-value and verdict."""
+    cohorts = sorted({c for f in frames.values() for c in f["cohort"].unique()})
+    rows = []
+    for model, against in study.comparisons:
+        for fraction in study.label_fractions:
+            for cohort in cohorts:
+                for n in METRIC_NAMES:
+                    c = compare_models(study, frames, model, against, cohort, fraction, n)
+                    rows.append(
+                        {
+                            "model": model_name(*model),
+                            "against": model_name(*against),
+                            "label_pct": 100 * fraction,
+                            "cohort": cohort,
+                            "metric": n,
+                            **c,
+                            "verdict": verdict(c["delta_low"], c["delta_high"]),
+                        }
+                    )
+    return pd.DataFrame(rows)
+
+
+def comparisons_markdown(study: Study, table: pd.DataFrame) -> str:
+    rows = [
+        {
+            "model": r.model,
+            "against": r.against,
+            "labels": f"{r.label_pct:g} %",
+            "cohort": r.cohort,
+            "metric": r.metric.upper(),
+            "Δ": f"{r.delta:+.3f}",
+            f"Δ {study.level:.0%} CI": f"[{r.delta_low:+.3f}, {r.delta_high:+.3f}]",
+            "p": _p(r.p_value),
+            "verdict": r.verdict,
+        }
+        for r in table.itertuples(index=False)
+    ]
+    return markdown_table(pd.DataFrame(rows))
+
+
 def _fmt(mean: float, sd: float) -> str:
     return f"{mean:.3f}" + ("" if np.isnan(sd) else f" ± {sd:.3f}")
 
@@ -379,6 +468,19 @@ def write_outputs(
         "",
         *[f"![{p.stem}]({p.name})" for p in figures],
     ]
+    if study.comparisons:
+        pairs = comparisons_table(study, frames)
+        pairs.to_csv(study.out / "comparisons.csv", index=False)
+        lines += [
+            "",
+            "## Comparisons",
+            "",
+            "Δ = model − against (each the mean over subsets) on the same scans, with its "
+            "patient-level bootstrap CI and two-sided paired p-value; *helped* / *hurt* when "
+            "the CI excludes 0, *tied* otherwise.",
+            "",
+            comparisons_markdown(study, pairs),
+        ]
     if wall_s is not None:
         lines += ["", f"Wall time of the runs of this invocation: {wall_s / 60:.1f} min."]
     (study.out / "results.md").write_text("\n".join(lines) + "\n")

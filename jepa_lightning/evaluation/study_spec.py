@@ -8,6 +8,8 @@ common_args: [--trainer.enable_progress_bar=false]   # appended to every CLI run
 label_fractions: [0.1, 1.0]           # of the labelled training patients
 subsets: [0, 1]                       # label_subset_seed (also seed_everything) per run
 reference: {method: supervised_multimodal, protocol: scratch}   # paired p-values vs this
+comparisons:                          # extra pairs: Delta = model - against, CI, p (comparisons.md)
+  - {model: {method: jepa, protocol: finetune}, against: {method: jepa, protocol: linear_probe}}
 bootstrap: {n_resamples: 1000, seed: 0, level: 0.95}
 tsne: {label_fraction: 1.0}           # which runs' embeddings the t-SNE shows (default: largest)
 protocols:
@@ -88,6 +90,7 @@ class Study:
     subsets: list[int]
     common_args: list[str] = field(default_factory=list)
     reference: tuple[str, str] | None = None
+    comparisons: list[tuple[tuple[str, str], tuple[str, str]]] = field(default_factory=list)
     n_resamples: int = 1000
     bootstrap_seed: int = 0
     level: float = 0.95
@@ -108,7 +111,7 @@ class Study:
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 TOP_KEYS = {
     "name", "out", "methods", "protocols", "label_fractions", "subsets", "common_args",
-    "reference", "bootstrap", "tsne",
+    "reference", "comparisons", "bootstrap", "tsne",
 }  # fmt: skip
 METHOD_KEYS = {"pretrain", "pretrain_args", "configs", "args", "protocols"}
 PROTOCOL_KEYS = {"configs", "args", "pretrained"}
@@ -237,17 +240,23 @@ def parse_study(data: Any, source: str = "<study>", out: str | None = None) -> S
 
     reference = data.get("reference")
     if reference is not None:
-        if not isinstance(reference, dict) or set(reference) != {"method", "protocol"}:
+        reference = model_of_study(reference, "reference", methods, source)
+    comparisons = data.get("comparisons") or []
+    if not isinstance(comparisons, list):
+        raise StudyConfigError(f"{source}: comparisons must be a list of {{model:, against:}}")
+    pairs = []
+    for i, pair in enumerate(comparisons):
+        where = f"comparisons[{i}]"
+        if not isinstance(pair, dict) or set(pair) != {"model", "against"}:
             raise StudyConfigError(
-                f"{source}: reference must be a mapping with method and protocol, got {reference!r}"
+                f"{source}: {where} must be a mapping with model and against, got {pair!r}"
             )
-        rm, rp = reference["method"], reference["protocol"]
-        if rm not in methods or rp not in methods[rm].protocols:
-            raise StudyConfigError(
-                f"{source}: reference {rm}/{rp} is not a run of this study (reference.method "
-                "must be under methods, reference.protocol in its protocols)"
+        pairs.append(
+            (
+                model_of_study(pair["model"], f"{where}.model", methods, source),
+                model_of_study(pair["against"], f"{where}.against", methods, source),
             )
-        reference = (rm, rp)
+        )
 
     boot = data.get("bootstrap") or {}
     if not isinstance(boot, dict):
@@ -280,12 +289,31 @@ def parse_study(data: Any, source: str = "<study>", out: str | None = None) -> S
         subsets=list(subsets),
         common_args=list(_str_list(data.get("common_args"), "common_args", source)),
         reference=reference,
+        comparisons=pairs,
         n_resamples=n_resamples,
         bootstrap_seed=int(boot.get("seed", 0)),
         level=level,
         tsne_fraction=float(tsne_fraction) if tsne_fraction is not None else None,
         source=source,
     )
+
+
+def model_of_study(
+    value: Any, key: str, methods: dict[str, Method] | None, source: str
+) -> tuple[str, str]:
+    """``{method: M, protocol: P}`` -> ``(M, P)``; when ``methods`` is given, the pair must
+    be a model this study trains."""
+    if not isinstance(value, dict) or set(value) != {"method", "protocol"}:
+        raise StudyConfigError(
+            f"{source}: {key} must be a mapping with method and protocol, got {value!r}"
+        )
+    m, p = str(value["method"]), str(value["protocol"])
+    if methods is not None and (m not in methods or p not in methods[m].protocols):
+        raise StudyConfigError(
+            f"{source}: {key} {m}/{p} is not a run of this study ({key}.method must be under "
+            f"methods, {key}.protocol in its protocols)"
+        )
+    return (m, p)
 
 
 def load_study(path: str | Path, out: str | None = None) -> Study:

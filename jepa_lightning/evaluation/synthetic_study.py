@@ -46,20 +46,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import yaml
 
-from jepa_lightning.evaluation import stats
 from jepa_lightning.evaluation.study import (
     METRIC_NAMES,
     StudyStateError,
+    compare_models,
     load_predictions,
     run_status,
     run_study,
     summarise,
+    verdict,
 )
-from jepa_lightning.evaluation.study_spec import Run, Study, StudyConfigError, load_study
+from jepa_lightning.evaluation.study_spec import (
+    Run,
+    Study,
+    StudyConfigError,
+    load_study,
+    model_of_study,
+)
 from jepa_lightning.evaluation.tables import markdown_table
 
 TOP_KEYS = {"name", "out", "grid", "cohort_root", "data", "compare", "knobs", "bootstrap"}
@@ -167,12 +173,6 @@ def _err(source: str, msg: str) -> StudyConfigError:
     return StudyConfigError(f"{source}: {msg}")
 
 
-def _model(value: Any, key: str, source: str) -> tuple[str, str]:
-    if not isinstance(value, dict) or set(value) != {"method", "protocol"}:
-        raise _err(source, f"{key} must be a mapping with method and protocol, got {value!r}")
-    return (str(value["method"]), str(value["protocol"]))
-
-
 def parse_synthetic_study(data: Any, source: str = "<synthetic study>") -> SyntheticStudy:
     """Validate a loaded synthetic-study YAML; every error names the key."""
     if not isinstance(data, dict):
@@ -218,11 +218,13 @@ def parse_synthetic_study(data: Any, source: str = "<synthetic study>") -> Synth
     compare = data["compare"]
     if not isinstance(compare, dict) or set(compare) != {"model", "against"}:
         raise _err(source, "compare must be a mapping with model and against")
-    model = _model(compare["model"], "compare.model", source)
+    model = model_of_study(compare["model"], "compare.model", None, source)
     against_raw = compare["against"]
     if not isinstance(against_raw, list) or not against_raw:
         raise _err(source, "compare.against must be a non-empty list")
-    against = [_model(a, f"compare.against[{i}]", source) for i, a in enumerate(against_raw)]
+    against = [
+        model_of_study(a, f"compare.against[{i}]", None, source) for i, a in enumerate(against_raw)
+    ]
     for m, p in [model, *against]:
         if m not in grid_study.methods or p not in grid_study.methods[m].protocols:
             raise _err(source, f"compare names {m}/{p}, which is not a run of the grid {grid}")
@@ -253,51 +255,6 @@ def load_synthetic_study(path: str | Path) -> SyntheticStudy:
 
 
 # --- comparisons ----------------------------------------------------------------------------
-def compare_models(
-    study: Study,
-    frames: dict[Run, pd.DataFrame],
-    model: tuple[str, str],
-    reference: tuple[str, str],
-    cohort: str,
-    fraction: float,
-) -> dict[str, float]:
-    """AUROC of ``model`` minus ``reference`` (each averaged over the grid's subsets) on the
-    same scans of ``cohort``, with its patient-level bootstrap CI and paired p-value."""
-    cols: dict[str, pd.DataFrame] = {}
-    for tag, (m, p) in (("model", model), ("ref", reference)):
-        for s in study.subsets:
-            f = frames[Run(m, p, fraction, s)]
-            cols[f"{tag}|{s}"] = f[f["cohort"] == cohort]
-    table = stats.align(cols)
-    table = table[table["label"].notna()]
-    label = table["label"].to_numpy().astype(int)
-    names = list(cols)
-    probs = table[names].to_numpy()
-    resamples = stats.patient_bootstrap(
-        table["patient_id"], study.n_resamples, study.bootstrap_seed
-    )
-    dist = stats.bootstrap_distribution("auroc", probs, label, resamples)
-    is_model = np.array([n.startswith("model|") for n in names])
-    delta_dist = dist[:, is_model].mean(1) - dist[:, ~is_model].mean(1)
-    points = np.array([stats.metric("auroc", probs[:, i], label) for i in range(len(names))])
-    low, high = stats.percentile_ci(delta_dist, study.level)
-    return {
-        "delta": float(points[is_model].mean() - points[~is_model].mean()),
-        "delta_low": low,
-        "delta_high": high,
-        "p_value": stats.paired_p_value(delta_dist),
-    }
-
-
-def verdict(low: float, high: float) -> str:
-    """``helped`` / ``hurt`` when the CI of the difference excludes 0, else ``tied``."""
-    if low > 0:
-        return "helped"
-    if high < 0:
-        return "hurt"
-    return "tied"
-
-
 # --- running and collecting -----------------------------------------------------------------
 def run_all(spec: SyntheticStudy) -> None:
     unique = spec.unique_scenarios()
