@@ -190,3 +190,34 @@ def test_every_shipped_study_config_parses(path, monkeypatch):
         assert study.unique_scenarios()
     else:
         assert load_study(path).runs()
+
+
+def test_report_summary_counts_a_cohort_shared_by_two_knobs_once(tmp_path):
+    spec = ss.parse_synthetic_study(
+        _spec(
+            tmp_path,
+            knobs={
+                "structure": {"key": "structure", "values": ["shared", "independent"]},
+                "missing": {"key": "ehr_missing_rate", "values": [0.15, 0.5]},
+            },
+        ),
+        "micro.yaml",
+    )
+    table, comparisons = [], []
+    for sc in spec.scenarios:
+        for model in ("jepa/finetune", "supervised/scratch"):
+            method, protocol = model.split("/")
+            table.append({"knob": sc.knob, "x": str(sc.x), "scenario": sc.scenario_id,
+                          "cohort": "internal", "label_pct": 100.0, "method": method,
+                          "protocol": protocol, "auroc_mean": 0.7})  # fmt: skip
+        delta = 0.1 if sc.scenario_id == spec.scenarios[0].scenario_id else 0.0
+        comparisons.append({"knob": sc.knob, "x": str(sc.x), "scenario": sc.scenario_id,
+                            "label_pct": 100.0, "cohort": "internal", "model": "jepa/finetune",
+                            "reference": "supervised/scratch", "delta": delta,
+                            "delta_low": delta - 0.05, "delta_high": delta + 0.05, "p_value": 0.5,
+                            "verdict": ss.verdict(delta - 0.05, delta + 0.05)})  # fmt: skip
+    text = ss.report(spec, pd.DataFrame(table), pd.DataFrame(comparisons))
+    # 4 knob values, 3 cohorts: the base cohort (structure=shared = missing=0.15) is listed once
+    assert "**helped** (1 of 3 distinct comparisons)" in text
+    assert "- structure=shared = missing=0.15, internal, vs supervised/scratch: Δ +0.100" in text
+    assert "**tied** (2 of 3 distinct comparisons)" in text

@@ -388,7 +388,9 @@ def report(spec: SyntheticStudy, table: pd.DataFrame, comparisons: pd.DataFrame)
         "the CI excludes 0; *tied*: it does not.",
         "",
     ]
-    verdicts = {"helped": [], "tied": [], "hurt": []}
+    # A scenario shared by several knobs (the base cohort is every knob's default value)
+    # appears under each of them; the summary lists each distinct comparison once.
+    distinct: dict[tuple, dict] = {}
     for knob, (key, _, text) in spec.knobs.items():
         lines += [f"## {knob} (`data.init_args.{key}`)", ""]
         if text:
@@ -417,16 +419,31 @@ def report(spec: SyntheticStudy, table: pd.DataFrame, comparisons: pd.DataFrame)
                     "verdict": r.verdict,
                 }
             )
-            verdicts[r.verdict].append(
-                f"{knob}={r.x}, {r.cohort}, vs {r.reference}: Δ {r.delta:+.3f} "
-                f"{_ci(r.delta_low, r.delta_high)}"
+            entry = distinct.setdefault(
+                (r.scenario, r.cohort, r.reference, r.label_pct),
+                {"where": [], "row": r},
             )
+            entry["where"].append(f"{knob}={r.x}")
         lines += [markdown_table(pd.DataFrame(rows)), ""]
-    lines += ["## Where it helped, tied and hurt", ""]
+    verdicts: dict[str, list[str]] = {"helped": [], "tied": [], "hurt": []}
+    for entry in distinct.values():
+        r = entry["row"]
+        verdicts[r.verdict].append(
+            f"{' = '.join(entry['where'])}, {r.cohort}, vs {r.reference}: Δ {r.delta:+.3f} "
+            f"{_ci(r.delta_low, r.delta_high)}"
+        )
+    lines += [
+        "## Where it helped, tied and hurt",
+        "",
+        "Each distinct comparison once; `a=x = b=y` marks one cohort that is the value of "
+        "several knobs (the base cohort is every knob's default).",
+        "",
+    ]
     for v in ("helped", "tied", "hurt"):
         items = verdicts[v]
         lines.append(
-            f"**{v}** ({len(items)} of {len(comparisons)} comparisons)" + (":" if items else ".")
+            f"**{v}** ({len(items)} of {len(distinct)} distinct comparisons)"
+            + (":" if items else ".")
         )
         lines += [f"- {i}" for i in items]
         lines.append("")
@@ -442,7 +459,7 @@ def write_outputs(spec: SyntheticStudy, wall_s: float | None = None) -> str:
     knob_figure(spec, table, spec.out / "knobs.png")
     text = report(spec, table, comparisons)
     if wall_s is not None:
-        text += f"\nWall time of this invocation: {wall_s / 60:.1f} min.\n"
+        text += f"\nWall time of the runs of this invocation: {wall_s / 60:.1f} min.\n"
     (spec.out / "report.md").write_text(text)
     return text
 
