@@ -322,7 +322,11 @@ def knob_figure(spec: SyntheticStudy, table: pd.DataFrame, path: Path) -> Path:
     cohorts = sorted(table["cohort"].unique())
     knobs = list(spec.knobs)
     fig, axes = plt.subplots(
-        len(knobs), len(cohorts), figsize=(4.6 * len(cohorts), 3.4 * len(knobs)), squeeze=False
+        len(knobs),
+        len(cohorts),
+        figsize=(4.6 * len(cohorts), 3.4 * len(knobs)),
+        squeeze=False,
+        layout="constrained",  # leaves room for the suptitle (tight_layout overlapped it)
     )
     fraction = table["label_pct"].max()
     for r, knob in enumerate(knobs):
@@ -355,7 +359,6 @@ def knob_figure(spec: SyntheticStudy, table: pd.DataFrame, path: Path) -> Path:
     fig.suptitle(
         f"Synthetic study {spec.name}: AUROC (mean over subsets, {spec.level:.0%} CI band)"
     )
-    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
