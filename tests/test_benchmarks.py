@@ -184,3 +184,14 @@ def test_compiled_pretraining_runs_from_the_cli(tiny_cohort, tmp_path):
     blocks = [m for m in cli.model.modules() if isinstance(m, Block)]
     assert blocks and all(b._compiled_call_impl is not None for b in blocks)
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+
+
+def test_paired_overhead_is_the_median_per_round_ratio_with_a_ci():
+    from experiments.benchmarks.lightning_overhead import paired_overhead
+
+    # rounds drift from 100 to 200 ms, Lightning always 4 % slower within its round
+    plain = [100.0, 150.0, 200.0, 120.0, 180.0]
+    med, (low, high) = paired_overhead([1.04 * p for p in plain], plain)
+    assert med == pytest.approx(4.0) and low == pytest.approx(4.0) and high == pytest.approx(4.0)
+    med, (low, high) = paired_overhead([110.0, 140.0, 210.0, 118.0, 190.0], plain)
+    assert med == pytest.approx(5.0) and low <= med <= high and high - low > 1.0
