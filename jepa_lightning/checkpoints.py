@@ -32,6 +32,26 @@ class CorruptCheckpointError(ValueError):
     """A checkpoint file is truncated or corrupted."""
 
 
+class CheckpointMismatchError(ValueError):
+    """A pretrained checkpoint cannot be read, or does not fit the model it is loaded into."""
+
+
+def read_checkpoint(path: str | Path, role: str = "checkpoint") -> Any:
+    """``torch.load`` of a checkpoint on CPU with ``weights_only=True`` (no arbitrary
+    unpickling), the one place the framework reads a checkpoint it did not resume from.
+
+    Errors name ``role`` (the option that gave the path, e.g. ``init_from checkpoint``) and
+    the file: :class:`FileNotFoundError` when absent, :class:`CheckpointMismatchError` when
+    it cannot be loaded."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{role} {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointMismatchError(f"{role} {path} could not be loaded: {err}") from err
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``torch.save`` to a temporary file in the checkpoint's own folder, fsync, rename.
 

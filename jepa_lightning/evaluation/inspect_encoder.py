@@ -38,6 +38,7 @@ from matplotlib.patches import Rectangle  # noqa: E402
 
 from data_modules.ct_ehr import CTEHRDataModule  # noqa: E402
 from jepa_lightning.backbones import MultimodalEncoder  # noqa: E402
+from jepa_lightning.checkpoints import read_checkpoint  # noqa: E402
 from jepa_lightning.tasks.diagnosis import (  # noqa: E402
     BACKBONE_KEYS,
     CheckpointMismatchError,
@@ -53,12 +54,7 @@ def load_encoder(
     ``which='target'`` takes the EMA target encoder where there is one (what downstream
     tasks load), ``'online'`` the trained context encoder."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--ckpt {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CheckpointMismatchError(f"--ckpt {path} could not be loaded: {err}") from err
+    ckpt = read_checkpoint(path, "--ckpt")
     hparams = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
     missing = [k for k in BACKBONE_KEYS if k not in hparams]
     if missing:

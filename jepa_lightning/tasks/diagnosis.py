@@ -14,6 +14,7 @@ from torchmetrics.classification import BinaryAUROC, BinaryAveragePrecision
 
 from jepa_lightning.backbones import MultimodalEncoder
 from jepa_lightning.backbones.vit3d import as_size3
+from jepa_lightning.checkpoints import CheckpointMismatchError, read_checkpoint
 from jepa_lightning.losses import masked_bce_with_logits
 from jepa_lightning.tasks.base import BaseTask, decay_groups
 
@@ -29,10 +30,6 @@ BACKBONE_KEYS = (
     "num_heads",
     "mlp_ratio",
 )
-
-
-class CheckpointMismatchError(ValueError):
-    """A pretrained checkpoint does not fit the model it is loaded into."""
 
 
 LINKED_FROM_DATA = {
@@ -70,14 +67,7 @@ def load_pretrained_encoder(
             f"init_from_encoder must be one of {list(ENCODER_PREFIXES)}, got {encoder!r}"
         )
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"init_from checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CheckpointMismatchError(
-            f"init_from checkpoint {path} could not be loaded: {err}"
-        ) from err
+    ckpt = read_checkpoint(path, "init_from checkpoint")
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointMismatchError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
     hparams = ckpt.get("hyper_parameters", {})
