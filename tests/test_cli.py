@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
 
 from jepa_lightning.main import main
 from jepa_lightning.tasks import jepa as jepa_module
+from jepa_lightning.tasks.base import BaseTask
 from jepa_lightning.tasks.diagnosis import CheckpointMismatchError
 from tests.conftest import tiny_data_args
 
@@ -33,9 +35,8 @@ def _fit(config: str, run_dir: Path, cohort: Path, *extra: str):
 def pretrained(tiny_cohort, tmp_path_factory) -> Path:
     """A JEPA checkpoint from two short epochs on the tiny cohort."""
     run = tmp_path_factory.mktemp("pretrain")
-    cli = _fit(
-        PRETRAIN, run, tiny_cohort, "--trainer.max_epochs=2", "--trainer.check_val_every_n_epoch=1"
-    )
+    cli = _fit(PRETRAIN, run, tiny_cohort, "--trainer.max_epochs=2",
+               "--trainer.check_val_every_n_epoch=1", "--trainer.log_every_n_steps=1")  # fmt: skip
     metrics = cli.trainer.callback_metrics
     for key in (
         "train/loss",
@@ -247,6 +248,26 @@ def test_quickstart_pretraining_is_bit_reproducible(tiny_cohort, tmp_path):
         runs[0].trainer.callback_metrics["train/loss"]
         == runs[1].trainer.callback_metrics["train/loss"]
     )
+
+
+def test_diagnostics_logged_only_on_logger_steps_reach_the_logger_unchanged(
+    tiny_cohort, tmp_path, monkeypatch
+):
+    """Skipping ``self.log`` of diagnostics between logger writes (a speed-up) must leave
+    what the CSV logger receives exactly as if they were logged on every step."""
+    args = ("--trainer.max_epochs=2", "--trainer.limit_val_batches=0",
+            "--trainer.log_every_n_steps=2")  # fmt: skip
+    gated = _fit(PRETRAIN, tmp_path / "gated", tiny_cohort, *args)
+    monkeypatch.setattr(BaseTask, "is_logger_step", lambda self: True)
+    _fit(PRETRAIN, tmp_path / "every", tiny_cohort, *args)
+    logged = [
+        pd.read_csv(next((tmp_path / name).glob("logs/version_*/metrics.csv")))
+        for name in ("gated", "every")
+    ]
+    pd.testing.assert_frame_equal(*logged)
+    diagnostics = logged[0].dropna(subset=["train/loss_image"])
+    assert len(diagnostics) == gated.trainer.global_step // 2 > 0
+    assert diagnostics[["train/ema_momentum", "train/probe_loss"]].notna().all().all()
 
 
 @pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])

@@ -14,7 +14,10 @@ Each round runs the two loops back to back, in alternating order, and
 95 % CI over rounds (``overhead_paired_ci``): the question "is Lightning within 5 %?" is
 answered only when that CI says so. Lightning
 runs without logger, checkpointing and progress bar (those write files or the terminal);
-its ``self.log`` calls in ``training_step`` are counted, the plain loop logs nothing.
+its ``self.log`` calls in ``training_step`` are counted (``train/loss`` every step, the
+diagnostics only on the steps ``log_every_n_steps`` writes: default 50, so none here), the
+plain loop logs nothing. Logging the six diagnostics on every step cost ~2.5 % more
+(measured: paired 5.5 % [3.3, 6.8] over 30 rounds before, 2.3 % [0.3, 5.8] after).
 
     python -m experiments.benchmarks.lightning_overhead --rounds 3 --steps 8
 """

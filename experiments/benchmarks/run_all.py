@@ -118,7 +118,7 @@ def benchmarks() -> list[tuple[str, callable, callable]]:
             ],
             table_backbone,
         ),  # fmt: skip
-        ("lightning_overhead", lambda: lightning_overhead.run(rounds=10, steps=8), table_overhead),
+        ("lightning_overhead", lambda: lightning_overhead.run(rounds=30, steps=8), table_overhead),
         ("mask_ratio", lambda: mask_ratio.run(rounds=3), table_mask_ratio),
         ("data_path", lambda: data_path.run(), table_data_path),
         ("memory", lambda: memory.run(threads=torch.get_num_threads()), table_memory),

@@ -115,6 +115,34 @@ class BaseTask(L.LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
+    # --- step-level diagnostics, only on the steps the logger writes -----------------------
+    def is_logger_step(self) -> bool:
+        """Whether values logged in this ``training_step`` reach the logger.
+
+        Lightning writes ``on_step`` values every ``log_every_n_steps`` optimizer steps and
+        drops the others; this is its rule (``global_step`` is the number of optimizer steps
+        already taken, so this step is number ``global_step + 1``). A test checks it against
+        what a CSVLogger actually receives.
+        """
+        every = self.trainer.log_every_n_steps
+        return every > 0 and (self.trainer.global_step + 1) % every == 0
+
+    def log_train_diagnostics(
+        self, values: dict[str, torch.Tensor | float], batch_size: int
+    ) -> None:
+        """Log ``train/<name>`` for each value, but only on steps the logger writes.
+
+        Why: each ``self.log`` costs Python time on the step (Lightning re-homes its result
+        metric on every call), and an ``on_step`` value logged between two logger writes is
+        discarded. The six JEPA diagnostics cost ~2.5 % of the quickstart CPU step when
+        logged every step (``experiments/benchmarks/lightning_overhead.py``). ``train/loss``
+        is logged by the caller every step, for the progress bar.
+        """
+        if not self.is_logger_step():
+            return
+        for name, value in values.items():
+            self.log(f"train/{name}", value, batch_size=batch_size)
+
     # --- DDP: evaluation decisions every rank takes alike ----------------------------------
     def count_over_ranks(self, n: int | torch.Tensor) -> int:
         """``n`` summed over all ranks (``n`` itself on one device).

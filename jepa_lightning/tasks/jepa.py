@@ -195,12 +195,10 @@ class MultimodalJEPA(BaseTask):
         probe_loss = masked_bce_with_logits(self.probe(out["pooled"]).squeeze(-1), batch["label"])
         bs = len(batch["image"])
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=bs)
-        self.log("train/loss_image", out["loss_image"], batch_size=bs)
-        for extra in ("loss_ehr", "loss_variance"):
-            if extra in out:
-                self.log(f"train/{extra}", out[extra], batch_size=bs)
-        self.log("train/probe_loss", probe_loss, batch_size=bs)
-        self.log("train/ema_momentum", self.current_momentum(), batch_size=bs)
+        diagnostics = {k: out[k] for k in ("loss_image", "loss_ehr", "loss_variance") if k in out}
+        diagnostics["probe_loss"] = probe_loss
+        diagnostics["ema_momentum"] = self.current_momentum()
+        self.log_train_diagnostics(diagnostics, bs)
         return out["loss"] + probe_loss
 
     def current_momentum(self) -> float:

@@ -54,17 +54,14 @@ class SSLTask(BaseTask):
             batch["image"].device,
         )
 
-    def _log_scalars(self, out: dict, stage: str, bs: int) -> None:
-        for name, value in out.items():
-            if name == "pooled" or not torch.is_tensor(value) or value.ndim:
-                continue
-            self.log(
-                f"{stage}/{name}",
-                value,
-                prog_bar=name == "loss",
-                batch_size=bs,
-                sync_dist=stage == "val",
-            )
+    @staticmethod
+    def _scalars(out: dict) -> dict[str, torch.Tensor]:
+        """The scalar entries of a loss dict (``pooled`` and other tensors left out)."""
+        return {
+            name: value
+            for name, value in out.items()
+            if name != "pooled" and torch.is_tensor(value) and not value.ndim
+        }
 
     def training_step(self, batch: dict, batch_idx: int):
         if not batch:  # every sample of the batch was skipped as bad input
@@ -73,15 +70,23 @@ class SSLTask(BaseTask):
         logits = self.probe(out["pooled"].detach()).squeeze(-1)
         probe_loss = masked_bce_with_logits(logits, batch["label"])
         bs = len(batch["label"])
-        self._log_scalars(out, "train", bs)
-        self.log("train/probe_loss", probe_loss, batch_size=bs)
+        self.log("train/loss", out["loss"], prog_bar=True, batch_size=bs)
+        diagnostics = {k: v for k, v in self._scalars(out).items() if k != "loss"}
+        self.log_train_diagnostics({**diagnostics, "probe_loss": probe_loss}, bs)
         return out["loss"] + probe_loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         if not batch:
             return
         out = self.ssl_losses(batch, self._step_generator(batch, batch_idx))
-        self._log_scalars(out, "val", len(batch["label"]))
+        for name, value in self._scalars(out).items():
+            self.log(
+                f"val/{name}",
+                value,
+                prog_bar=name == "loss",
+                batch_size=len(batch["label"]),
+                sync_dist=True,
+            )
         pooled = out["pooled"].detach()
         labelled = ~torch.isnan(batch["label"])
         if labelled.any():
