@@ -7,8 +7,10 @@ rebuilt with ``use_flash_attention=True`` (SDPA), so the comparison is not only 
 slow attention path. Differences that remain: MONAI learns its position embedding (ours
 is a fixed sin-cos buffer) and returns the hidden states of every block (no compute).
 
-All variants are timed interleaved in one process, median over rounds; the ratio is ours
-over MONAI's samples/s. ``--compile`` adds ``torch.compile``d variants of ours and of
+All variants are timed interleaved in one process (order rotating each round). Samples/s
+are medians over rounds; the ratios (ours over MONAI's samples/s) are paired: the median
+over rounds of MONAI's step time over ours *in the same round*, with a bootstrap 95 % CI
+over rounds, because the host's speed drifts between rounds by more than the gaps measured. ``--compile`` adds ``torch.compile``d variants of ours and of
 MONAI+flash (blocks compiled the same way; compile time reported, not timed).
 ``--profile`` prints where each model's time goes, by operator family.
 
@@ -28,7 +30,14 @@ from monai.networks.blocks.transformerblock import TransformerBlock
 from monai.networks.nets import ViT
 from torch import nn
 
-from experiments.benchmarks.common import interleaved, machine, median, set_threads, spread
+from experiments.benchmarks.common import (
+    interleaved,
+    machine,
+    median,
+    paired_ratio,
+    set_threads,
+    spread,
+)
 from jepa_lightning.backbones import VisionTransformer3D
 from jepa_lightning.backbones.vit3d import compile_blocks
 
@@ -119,17 +128,21 @@ def run(size: int = 64, patch: int = 16, dim: int = 384, depth: int = 6, heads: 
         "samples_per_s": {k: round(v, 3) for k, v in sps.items()},
         "samples_per_cpu_s": {k: round(v, 3) for k, v in sps_cpu.items()},
         "spread_iqr": {k: round(spread(v), 3) for k, v in wall.items()},
-        "ratio_vs_monai": round(sps["ours"] / sps["monai"], 2),
-        "ratio_vs_monai_flash": round(sps["ours"] / sps["monai_flash"], 2),
-        "cpu_ratio_vs_monai": round(sps_cpu["ours"] / sps_cpu["monai"], 2),
-        "cpu_ratio_vs_monai_flash": round(sps_cpu["ours"] / sps_cpu["monai_flash"], 2),
+        "rounds": rounds,
+    }
+    pairs = {  # result key: (model whose speed is the numerator, the one it is compared to)
+        "vs_monai": ("ours", "monai"),
+        "vs_monai_flash": ("ours", "monai_flash"),
     }
     if compile:
         result["compile_s"] = compile_s
-        result["ratio_compiled_vs_monai_flash_compiled"] = round(
-            sps["ours_compiled"] / sps["monai_flash_compiled"], 2
-        )
-        result["ratio_compiled_vs_eager"] = round(sps["ours_compiled"] / sps["ours"], 2)
+        pairs["compiled_vs_monai_flash_compiled"] = ("ours_compiled", "monai_flash_compiled")
+        pairs["compiled_vs_eager"] = ("ours_compiled", "ours")
+    for key, (fast, slow) in pairs.items():
+        for prefix, times in (("", wall), ("cpu_", cpu)):
+            ratio, ci = paired_ratio(times[slow], times[fast])  # time ratio = speed ratio
+            result[f"{prefix}ratio_{key}"] = round(ratio, 2)
+            result[f"{prefix}ratio_{key}_ci"] = [round(ci[0], 2), round(ci[1], 2)]
     if profile:
         result["profile_ms"] = {
             k: profile_families(steps[k]) for k in ("ours", "monai", "monai_flash")

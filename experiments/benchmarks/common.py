@@ -93,17 +93,38 @@ def timed(fn: Callable[[], object]) -> tuple[float, float]:
 def interleaved(
     variants: dict[str, Callable[[], object]], rounds: int, warmup: int = 1
 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Wall and CPU seconds per call of each variant, the variants alternating in every
-    round."""
+    """Wall and CPU seconds per call of each variant, one call of each per round; the order
+    rotates from round to round, so no variant always runs first (or right after another)."""
     wall: dict[str, list[float]] = {name: [] for name in variants}
     cpu: dict[str, list[float]] = {name: [] for name in variants}
+    names = list(variants)
     for r in range(warmup + rounds):
-        for name, fn in variants.items():
-            w, c = timed(fn)
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            w, c = timed(variants[name])
             if r >= warmup:
                 wall[name].append(w)
                 cpu[name].append(c)
     return wall, cpu
+
+
+def paired_ratio(
+    numerator: list[float], denominator: list[float], seed: int = 0, n_resamples: int = 2000
+) -> tuple[float, tuple[float, float]]:
+    """Median over rounds of ``numerator / denominator`` and its bootstrap 95 % CI.
+
+    Why paired: a shared host's speed drifts by ±15 % between rounds, more than most of the
+    differences measured; the two figures of one round were taken back to back, so their
+    ratio cancels the drift that a ratio of medians pooled over all rounds keeps. The CI
+    resamples rounds.
+    """
+    import numpy as np
+
+    ratios = np.asarray(numerator) / np.asarray(denominator)
+    rng = np.random.default_rng(seed)
+    boots = np.median(rng.choice(ratios, (n_resamples, len(ratios))), axis=1)
+    low, high = np.percentile(boots, [2.5, 97.5])
+    return float(np.median(ratios)), (float(low), float(high))
 
 
 def intervals(stamps: list[tuple[float, float]]) -> tuple[list[float], list[float]]:

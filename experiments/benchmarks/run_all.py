@@ -37,12 +37,12 @@ def table_backbone(results: list[dict]) -> str:
     rows = []
     for r in results:
         s = r["samples_per_s"]
-        rows.append([r["volume"], r["tokens"], s["ours"], s["monai"], s["monai_flash"],
-                     f"{r['ratio_vs_monai']}×", f"{r['ratio_vs_monai_flash']}×",
+        rows.append([r["volume"], r["tokens"], r["rounds"], s["ours"], s["monai"], s["monai_flash"],
+                     ratio_with_ci(r, "ratio_vs_monai"), ratio_with_ci(r, "ratio_vs_monai_flash"),
                      f"{r['cpu_ratio_vs_monai']}× / {r['cpu_ratio_vs_monai_flash']}×"])  # fmt: skip
-    head = ["volume", "tokens", "ours samples/s", "MONAI", "MONAI+flash", "ours/MONAI",
-            "ours/MONAI+flash", "same, by CPU time"]  # fmt: skip
-    text = f"**(a) backbone forward+backward** ({results[0]['config']})\n\n"
+    head = ["volume", "tokens", "rounds", "ours samples/s", "MONAI", "MONAI+flash",
+            "ours/MONAI [95 % CI]", "ours/MONAI+flash [95 % CI]", "same, by CPU time"]  # fmt: skip
+    text = f"**(a) backbone forward+backward** ({results[0]['config']}); ratios paired by round\n\n"
     text += markdown_table(head, rows)
     prof = next((r["profile_ms"] for r in results if "profile_ms" in r), None)
     if prof:
@@ -54,6 +54,11 @@ def table_backbone(results: list[dict]) -> str:
         text += f"\n\nWhere one step's time goes at {vol} (self CPU ms, one profiled step):\n\n"
         text += markdown_table(["operator family", "ours", "MONAI", "MONAI+flash"], prof_rows)
     return text
+
+
+def ratio_with_ci(result: dict, key: str) -> str:
+    low, high = result[f"{key}_ci"]
+    return f"{result[key]}× [{low}, {high}]"
 
 
 def table_overhead(r: dict) -> str:
@@ -113,8 +118,8 @@ def benchmarks() -> list[tuple[str, callable, callable]]:
         (
             "backbone_vs_monai",
             lambda: [
-                backbone_vs_monai.run(size=64, rounds=5),
-                backbone_vs_monai.run(size=128, rounds=3, profile=True),
+                backbone_vs_monai.run(size=64, rounds=15),
+                backbone_vs_monai.run(size=128, rounds=8, profile=True),
             ],
             table_backbone,
         ),  # fmt: skip
