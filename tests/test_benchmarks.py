@@ -195,3 +195,14 @@ def test_paired_overhead_is_the_median_per_round_ratio_with_a_ci():
     assert med == pytest.approx(4.0) and low == pytest.approx(4.0) and high == pytest.approx(4.0)
     med, (low, high) = paired_overhead([110.0, 140.0, 210.0, 118.0, 190.0], plain)
     assert med == pytest.approx(5.0) and low <= med <= high and high - low > 1.0
+
+
+def test_interleaved_rotates_the_order_so_no_variant_always_runs_first():
+    from experiments.benchmarks.common import interleaved
+
+    calls: list[str] = []
+    variants = {name: (lambda n=name: calls.append(n)) for name in ("a", "b", "c")}
+    wall, cpu = interleaved(variants, rounds=3, warmup=1)
+    assert {k: len(v) for k, v in wall.items()} == {"a": 3, "b": 3, "c": 3}
+    firsts = calls[::3]  # first call of each round (warm-up round included)
+    assert firsts == ["a", "b", "c", "a"]
