@@ -17,9 +17,11 @@ and the epoch) and takes a disjoint, interleaved share of it: process ``p`` of
   ``world_size x num_workers x batch_size - 1`` scans sit out the epoch — different ones each
   epoch, because the permutation changes.
 
-``len()`` is the rank's scan count; with ``drop_last=False`` and several workers each worker
+``len()`` is the rank's scan count. With ``drop_last=False`` and several workers each worker
 ends on its own partial batch, so an epoch can hold a few more (smaller) batches than
-``ceil(len / batch_size)``, which Lightning uses for ``estimated_stepping_batches``.
+``ceil(len / batch_size)``. Lightning stops an epoch after ``len(loader)`` batches, so
+:class:`StreamingLoader` reports the exact count (:meth:`ShardedStream.num_batches`): with
+PyTorch's ``ceil(len / batch_size)`` a validation epoch over 2 workers lost half its scans.
 
 The epoch lives in a shared-memory tensor: :class:`StreamingLoader` bumps it each time an
 epoch's iteration starts (or the trainer's epoch is used when given), and persistent worker
@@ -52,8 +54,8 @@ class ShardedStream(IterableDataset):
         shuffle: a new permutation each epoch (else the natural order).
         seed: base of the permutation; every process must use the same.
         drop_last: see the module docstring.
-        batch_size: the loader's batch size (for ``drop_last``).
-        num_workers: the loader's worker count (for ``drop_last`` and ``len``).
+        batch_size: the loader's batch size (for ``drop_last`` and the batch count).
+        num_workers: the loader's worker count (for ``drop_last``, ``len`` and the batch count).
         rank, world_size: this process's place among DDP ranks; default from
             ``torch.distributed`` when the iteration starts.
     """
@@ -90,12 +92,26 @@ class ShardedStream(IterableDataset):
 
     def _place(self) -> tuple[int, int, int]:
         """(process index, number of processes, workers per rank)."""
-        rank, world = distributed_rank()
-        rank = self.rank if self.rank is not None else rank
-        world = self.world_size if self.world_size is not None else world
+        rank, world = self._rank_world()
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         return rank * nw + wid, world * nw, nw
+
+    def _rank_world(self) -> tuple[int, int]:
+        """(rank, world_size): as given, else from ``torch.distributed``."""
+        rank, world = distributed_rank()
+        rank = self.rank if self.rank is not None else rank
+        world = self.world_size if self.world_size is not None else world
+        return rank, world
+
+    def _kept(self, n_proc: int) -> int:
+        """How many positions of the permutation are used (``drop_last`` cuts it to whole
+        batches for every process)."""
+        n = len(self.source)
+        if not self.drop_last:
+            return n
+        unit = n_proc * self.batch_size
+        return n // unit * unit
 
     def indices(self, epoch: int | None = None) -> np.ndarray:
         """This process's scan indices for ``epoch`` (default: the current one)."""
@@ -107,21 +123,29 @@ class ShardedStream(IterableDataset):
             else np.arange(n)
         )
         proc, n_proc, _ = self._place()
-        if self.drop_last:
-            unit = n_proc * self.batch_size
-            order = order[: (n // unit) * unit]
-        return order[proc::n_proc]
+        return order[: self._kept(n_proc)][proc::n_proc]
+
+    def worker_shares(self) -> list[int]:
+        """Scans each of this rank's workers yields per epoch (one entry with
+        ``num_workers=0``): process ``rank * workers + w`` takes positions ``p, p + P, ...``
+        of the (possibly cut) permutation."""
+        rank, world = self._rank_world()
+        nw = max(1, self.num_workers)
+        n_proc = world * nw
+        n = self._kept(n_proc)
+        return [len(range(proc, n, n_proc)) for proc in range(rank * nw, (rank + 1) * nw)]
 
     def __len__(self) -> int:
-        """Scans this *rank* yields per epoch (over all its workers): what Lightning sizes
-        progress bars and schedules with."""
-        rank, world = distributed_rank()
-        world = self.world_size if self.world_size is not None else world
-        rank = self.rank if self.rank is not None else rank
-        n, nw = len(self.source), max(1, self.num_workers)
-        if self.drop_last:
-            return n // (world * nw * self.batch_size) * nw * self.batch_size
-        return len(range(rank, n, world))
+        """Scans this *rank* yields per epoch (over all its workers)."""
+        return sum(self.worker_shares())
+
+    def num_batches(self) -> int:
+        """Batches this rank's loader yields per epoch: each worker batches its own share,
+        its last batch possibly partial (dropped with ``drop_last``, where none is)."""
+        bs = self.batch_size
+        return sum(
+            share // bs if self.drop_last else -(-share // bs) for share in self.worker_shares()
+        )
 
     def __iter__(self) -> Iterator[Any]:
         for i in self.indices():
@@ -140,8 +164,20 @@ class StreamingLoader(DataLoader):
         self, dataset: ShardedStream, *args, epoch_fn: Callable[[], int] | None = None, **kw
     ):
         super().__init__(dataset, *args, **kw)
+        for name in ("batch_size", "num_workers"):
+            if getattr(dataset, name) != getattr(self, name):
+                raise ValueError(
+                    f"StreamingLoader: {name}={getattr(self, name)} but the ShardedStream was "
+                    f"built with {name}={getattr(dataset, name)}; pass the same value to both "
+                    "(the stream needs it to shard and to count batches)"
+                )
         self.epoch_fn = epoch_fn
         self._count = 0
+
+    def __len__(self) -> int:
+        """Exact batches per epoch (what Lightning iterates up to), not PyTorch's
+        ``ceil(len(dataset) / batch_size)``, which misses the workers' partial batches."""
+        return self.dataset.num_batches()
 
     def __iter__(self):
         epoch = self.epoch_fn() if self.epoch_fn is not None else self._count

@@ -53,6 +53,31 @@ def test_drop_last_gives_full_batches_and_equal_steps_per_rank():
     assert len(stream) == sum(len(b) for b in per_rank[0])  # what Lightning sizes epochs with
 
 
+@pytest.mark.parametrize("drop_last", [False, True])
+@pytest.mark.parametrize("workers", [0, 2, 3])
+def test_lengths_are_what_each_rank_yields(drop_last, workers):
+    """Lightning ends an epoch after ``len(loader)`` batches: with several workers each ends
+    on its own partial batch, which ``ceil(len(dataset) / batch_size)`` does not count."""
+    for rank in range(RANKS):
+        stream = ShardedStream(list(range(N)), drop_last=drop_last, batch_size=BATCH,
+                               num_workers=workers, rank=rank, world_size=RANKS)  # fmt: skip
+        loader = StreamingLoader(stream, batch_size=BATCH, num_workers=workers,
+                                 collate_fn=_collate)  # fmt: skip
+        batches = list(loader)
+        assert len(loader) == len(batches)
+        assert len(stream) == sum(len(b) for b in batches)
+
+
+def test_loader_and_stream_must_agree_on_batch_size_and_workers():
+    stream = ShardedStream(list(range(N)), batch_size=BATCH, num_workers=2)
+    with pytest.raises(
+        ValueError, match="num_workers=0 but the ShardedStream was built with num_workers=2"
+    ):
+        StreamingLoader(stream, batch_size=BATCH, num_workers=0)
+    with pytest.raises(ValueError, match="batch_size=4 but"):
+        StreamingLoader(stream, batch_size=4, num_workers=2)
+
+
 def test_new_order_each_epoch_and_reproducible():
     def order(epoch):
         return [i for rank in range(RANKS) for b in _epoch(rank, epoch, False) for i in b]
@@ -62,7 +87,8 @@ def test_new_order_each_epoch_and_reproducible():
 
 
 def test_persistent_workers_see_the_new_epoch():
-    stream = ShardedStream(list(range(N)), shuffle=True, seed=1, rank=0, world_size=1)
+    stream = ShardedStream(list(range(N)), shuffle=True, seed=1, rank=0, world_size=1,
+                           batch_size=BATCH, num_workers=2)  # fmt: skip
     loader = StreamingLoader(stream, batch_size=BATCH, num_workers=2, collate_fn=_collate,
                              persistent_workers=True)  # fmt: skip
     epochs = [[i for b in loader for i in b] for _ in range(3)]

@@ -70,7 +70,13 @@ def ddp_manifest(tiny_cohort, tmp_path_factory) -> Path:
 
 
 def ddp_config(
-    base: Path, manifest: Path, run: Path, devices: int = 2, name: str = "config", **model
+    base: Path,
+    manifest: Path,
+    run: Path,
+    devices: int = 2,
+    name: str = "config",
+    data: dict | None = None,
+    **model,
 ) -> Path:
     cfg = yaml.safe_load(base.read_text())
     cfg["trainer"].update(
@@ -98,6 +104,7 @@ def ddp_config(
             "num_workers": 0,
             "drop_last": False,
             "require_labels": cfg["data"]["init_args"].get("require_labels", False),
+            **(data or {}),
         },
     }
     cfg["checkpoint"].pop("monitor", None)
@@ -169,6 +176,37 @@ def test_validation_metrics_cover_every_rank_once(jepa_ddp, ddp_manifest):
     target = torch.cat(last[0]["probe_target"])
     assert len(preds) == 3
     assert logged[0]["val/probe_auroc"] == pytest.approx(float(binary_auroc(preds, target.long())))
+
+
+@pytest.fixture(scope="module")
+def jepa_ddp_streaming(ddp_manifest, tmp_path_factory) -> list[dict]:
+    """The same pretraining with ``streaming: true``: 2 ranks x 2 loader workers each read
+    their own share of a per-epoch permutation (28 training scans = 2 x 2 x batch 7, so
+    ``drop_last`` keeps every scan)."""
+    run = tmp_path_factory.mktemp("jepa_ddp_streaming")
+    streaming = {"streaming": True, "drop_last": True, "num_workers": 2}
+    run_cli("fit", "--config", str(ddp_config(PRETRAIN, ddp_manifest, run, data=streaming)))
+    return load_ranks(run, "fit")
+
+
+def test_streaming_under_ddp_reads_each_scan_once_per_epoch_and_ranks_stay_in_step(
+    jepa_ddp_streaming, ddp_manifest
+):
+    df = pd.read_parquet(ddp_manifest)
+    train = set(df.query("split == 'train'")["scan_id"])
+    for epoch in (0, 1):
+        a, b = (r["train_scans"][epoch] for r in jepa_ddp_streaming)
+        assert len(a) == len(b) == len(train) // 2
+        assert len(set(a)) == len(a) and not set(a) & set(b) and set(a) | set(b) == train
+    assert jepa_ddp_streaming[0]["train_scans"][0] != jepa_ddp_streaming[0]["train_scans"][1]
+    first, second = (r["state_dict"] for r in jepa_ddp_streaming)
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+    assert jepa_ddp_streaming[0]["global_step"] == jepa_ddp_streaming[1]["global_step"] == 4
+    # validation streams without drop_last: every scan once over ranks and workers
+    last = [r["val"][-1] for r in jepa_ddp_streaming]
+    z = torch.cat([t for rec in last for t in rec["embeddings"]]).reshape(-1, 96)
+    assert len(z) == int((df["split"] == "val").sum())
 
 
 def test_diagnosis_ddp_fit_and_test_metrics_match_one_process(ddp_manifest, tmp_path):
