@@ -119,13 +119,15 @@ class BaseTask(L.LightningModule):
     def is_logger_step(self) -> bool:
         """Whether values logged in this ``training_step`` reach the logger.
 
-        Lightning writes ``on_step`` values every ``log_every_n_steps`` optimizer steps and
-        drops the others; this is its rule (``global_step`` is the number of optimizer steps
-        already taken, so this step is number ``global_step + 1``). A test checks it against
-        what a CSVLogger actually receives.
+        Lightning writes ``on_step`` values every ``log_every_n_steps`` optimizer steps (and
+        when the run is stopping) and drops the others. Its own decision is asked for, not
+        re-derived: after a mid-epoch resume its step counter and ``global_step`` can
+        differ. It is a private attribute, so if a Lightning release renames it we fall
+        back to logging every step (slower, never wrong); a test checks what a CSVLogger
+        receives either way.
         """
-        every = self.trainer.log_every_n_steps
-        return every > 0 and (self.trainer.global_step + 1) % every == 0
+        connector = getattr(self.trainer, "_logger_connector", None)
+        return bool(getattr(connector, "should_update_logs", True))
 
     def log_train_diagnostics(
         self, values: dict[str, torch.Tensor | float], batch_size: int
