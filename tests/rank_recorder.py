@@ -8,6 +8,7 @@ metrics it logged. The tests then compare ranks with each other and with a recom
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -63,6 +64,8 @@ class RankRecorder(L.Callback):
             {
                 "rank": trainer.global_rank,
                 "world_size": trainer.world_size,
+                "node_rank": trainer.node_rank,
+                "slurm_node": os.environ.get("SLURMD_NODENAME"),
                 "global_step": trainer.global_step,
                 "train_scans": dict(self.train_scans),
                 "masks": self.masks,

@@ -1,10 +1,12 @@
 """A real SLURM on this host (``experiments/slurm/local_cluster.sh``: munged + slurmctld +
-slurmd, one node) running the repository's sbatch template as a 2-task CPU DDP job.
+two slurmd emulating two nodes) running the repository's sbatch templates as CPU DDP jobs.
 
-1. A job trains to its planned step.
-2. A job gets ``scancel --signal=USR1`` mid-run: Lightning (SLURMEnvironment, auto-requeue)
-   saves ``hpc_ckpt_1.ckpt`` and requeues it; the requeued job resumes from that step and
-   finishes.
+1. The single-node template, 2 tasks on one node, trains to its planned step.
+2. That job gets ``scancel --signal=USR1`` mid-run: Lightning (SLURMEnvironment,
+   auto-requeue) saves ``hpc_ckpt_1.ckpt`` and requeues it; the requeued job resumes from
+   that step and finishes.
+3. The multi-node template, 1 task on each of the 2 nodes: one DDP world across the nodes
+   (node ranks 0 and 1, master found from ``SLURM_NODELIST``).
 
 When SLURM cannot be installed or started the test is skipped with the reason, except in CI
 (``CI=true``), where it fails with the reason.
@@ -30,6 +32,7 @@ from tests.conftest import TINY
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "experiments" / "slurm" / "local_cluster.sh"
 TEMPLATE = ROOT / "experiments" / "slurm" / "single_node.sbatch"
+MULTI_NODE_TEMPLATE = ROOT / "experiments" / "slurm" / "multi_node.sbatch"
 PRETRAIN = ROOT / "experiments" / "quickstart" / "pretrain.yaml"
 POLL_S = 2.0
 HANG_GUARD_S = 1500  # a job that never ends fails the test instead of stalling CI
@@ -43,26 +46,30 @@ def _unavailable(reason: str):
     pytest.skip(f"SLURM not available: {reason}")
 
 
-def _free_port_pair() -> int:
+def _free_ports(n: int) -> int:
+    """The first of ``n`` consecutive free ports (slurmctld, then one per slurmd)."""
     for _ in range(50):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        if port < 65000:
-            with socket.socket() as s2:
-                try:
-                    s2.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no free port pair for slurmctld/slurmd")
+        if port + n > 65000:
+            continue
+        try:
+            for offset in range(1, n):
+                with socket.socket() as other:
+                    other.bind(("127.0.0.1", port + offset))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError(f"no {n} consecutive free ports for slurmctld and the slurmds")
 
 
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory) -> dict[str, str]:
-    """Environment (``SLURM_CONF``) of a freshly started one-node cluster."""
+    """Environment (``SLURM_CONF``) of a freshly started two-node cluster on this host."""
     state = tmp_path_factory.mktemp("slurm")
-    env = {**os.environ, "SLURM_LOCAL_DIR": str(state), "SLURM_LOCAL_PORT": str(_free_port_pair())}
+    env = {**os.environ, "SLURM_LOCAL_DIR": str(state), "SLURM_LOCAL_PORT": str(_free_ports(3)),
+           "SLURM_LOCAL_NODES": "2"}  # fmt: skip
     if not shutil.which("slurmctld"):
         if not shutil.which("apt-get") or os.geteuid() != 0:
             _unavailable("slurm-wlm is not installed and this is not a root Debian host")
@@ -79,16 +86,23 @@ def slurm(tmp_path_factory) -> dict[str, str]:
     subprocess.run(["bash", str(CLUSTER), "stop"], env=env, capture_output=True)
 
 
-def cpu_job_script(tmp: Path) -> Path:
-    """The single-node template, unchanged except that this node has CPUs, not GPUs."""
-    text = TEMPLATE.read_text()
+def cpu_job_script(
+    tmp: Path, template: Path = TEMPLATE, nodes: int = 1, tasks_per_node: int = 2
+) -> Path:
+    """A template unchanged except for its size and that these nodes have CPUs, not GPUs."""
+    text = template.read_text()
     text = re.sub(r"^#SBATCH --gpus-per-node=.*\n", "", text, flags=re.M)
-    text = re.sub(r"^#SBATCH --cpus-per-task=.*$", "#SBATCH --cpus-per-task=1", text, flags=re.M)
-    text = re.sub(
-        r"^#SBATCH --ntasks-per-node=.*$", "#SBATCH --ntasks-per-node=2", text, flags=re.M
-    )
+    for option, value in (
+        ("cpus-per-task", 1),
+        ("nodes", nodes),
+        ("ntasks-per-node", tasks_per_node),
+    ):
+        text, n = re.subn(
+            rf"^#SBATCH --{option}=.*$", f"#SBATCH --{option}={value}", text, flags=re.M
+        )
+        assert n == 1, f"{template.name} has no '#SBATCH --{option}=' line"
     assert "srun" in text and "--signal=SIGUSR1@90" in text and "--requeue" in text
-    script = tmp / "cpu_job.sbatch"
+    script = tmp / f"cpu_{template.name}"
     script.write_text(text)
     return script
 
@@ -224,3 +238,22 @@ def test_usr1_saves_hpc_checkpoint_requeues_and_resumes(slurm, tiny_cohort, tmp_
         assert steps == list(range(steps[0], epochs * steps_per_epoch + 1))
     a, b = (r["state_dict"] for r in ranks)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_multi_node_template_runs_one_ddp_world_over_two_nodes(slurm, tiny_cohort, tmp_path):
+    run = tmp_path / "multinode"
+    script = cpu_job_script(tmp_path, MULTI_NODE_TEMPLATE, nodes=2, tasks_per_node=1)
+    job = submit(slurm, script, job_config(tmp_path, tiny_cohort, run, 6), run)
+    info = wait_for(slurm, job, finished, "completion")
+    report("multi-node job", info, run)
+    log = Path(f"{run}.out").read_text()
+    assert info["ExitCode"] == "0:0", log[-4000:]
+    assert info["NumNodes"] == "2", info
+    ranks = [torch.load(run / f"fit_rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert sorted(r["node_rank"] for r in ranks) == [0, 1]  # one process per node
+    assert len({r["slurm_node"] for r in ranks}) == 2, [r["slurm_node"] for r in ranks]
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] == 6
+    a, b = (r["state_dict"] for r in ranks)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert set(ranks[0]["train_scans"][0]).isdisjoint(ranks[1]["train_scans"][0])

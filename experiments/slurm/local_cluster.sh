@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# A real one-node SLURM cluster on this host (munged + slurmctld + slurmd), for trying the
-# sbatch templates and for the `slurm` tests. Not for production: no accounting, no cgroups.
+# A real SLURM cluster on this host (munged + slurmctld + one slurmd per node), for trying
+# the sbatch templates and for the `slurm` tests. Not for production: no accounting, no cgroups.
+# With SLURM_LOCAL_NODES=2 it emulates two nodes on this one machine (`$(hostname -s)` and
+# `localhost`, each its own slurmd on its own port, each offering all CPUs): enough to run the
+# multi-node template as a 2-node job whose node ranks rendezvous over 127.0.0.1.
 #
 #   experiments/slurm/local_cluster.sh install   # apt-get install slurm-wlm munge (root, Debian)
 #   experiments/slurm/local_cluster.sh start     # writes $SLURM_LOCAL_DIR/slurm.conf, starts daemons
@@ -8,19 +11,20 @@
 #   experiments/slurm/local_cluster.sh stop
 #
 # Settings (environment): SLURM_LOCAL_DIR (default /tmp/jepa-slurm), SLURM_LOCAL_PORT
-# (slurmctld port, default 6817; slurmd uses the next one). Every failure exits non-zero with
+# (slurmctld port, default 6817; the slurmds use the next ones), SLURM_LOCAL_NODES (1 or 2). Every failure exits non-zero with
 # the reason and the tail of the daemon's log, so a test can report why SLURM did not start.
 set -euo pipefail
 
 DIR=${SLURM_LOCAL_DIR:-/tmp/jepa-slurm}
 PORT=${SLURM_LOCAL_PORT:-6817}
 NODE=$(hostname -s)
+N_NODES=${SLURM_LOCAL_NODES:-1}
 CONF=$DIR/slurm.conf
 export SLURM_CONF=$CONF
 
 die() {
     echo "local_cluster: $*" >&2
-    for log in "$DIR"/munged.log "$DIR"/slurmctld.log "$DIR"/slurmd.log; do
+    for log in "$DIR"/munged.log "$DIR"/slurmctld.log "$DIR"/slurmd-*.log; do
         [[ -s $log ]] && { echo "--- tail of $log" >&2; tail -n 15 "$log" >&2; }
     done
     exit 1
@@ -38,11 +42,23 @@ install() {
         die "apt-get install slurm-wlm munge failed"
 }
 
+node_names() {
+    case $N_NODES in
+    1) echo "$NODE" ;;
+    2)
+        [[ $NODE != localhost ]] || die "SLURM_LOCAL_NODES=2 needs a hostname other than localhost"
+        echo "$NODE localhost"
+        ;;
+    *) die "SLURM_LOCAL_NODES=$N_NODES: only 1 or 2 nodes can be emulated on one host" ;;
+    esac
+}
+
 write_conf() {
-    mkdir -p "$DIR/state" "$DIR/spool" "$DIR/munge"
-    local cpus mem
+    mkdir -p "$DIR/state" "$DIR/munge"
+    local cpus mem names nodes="" i=0
     cpus=$(nproc)
-    mem=$(($(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 512))
+    mem=$((($(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 512) / N_NODES))
+    names=$(node_names)
     cat >"$CONF" <<EOF
 # written by experiments/slurm/local_cluster.sh
 ClusterName=jepa-local
@@ -50,14 +66,13 @@ SlurmctldHost=$NODE
 SlurmUser=root
 SlurmdUser=root
 SlurmctldPort=$PORT
-SlurmdPort=$((PORT + 1))
 AuthType=auth/munge
 StateSaveLocation=$DIR/state
-SlurmdSpoolDir=$DIR/spool
+SlurmdSpoolDir=$DIR/spool-%n
 SlurmctldPidFile=$DIR/slurmctld.pid
-SlurmdPidFile=$DIR/slurmd.pid
+SlurmdPidFile=$DIR/slurmd-%n.pid
 SlurmctldLogFile=$DIR/slurmctld.log
-SlurmdLogFile=$DIR/slurmd.log
+SlurmdLogFile=$DIR/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -71,9 +86,13 @@ JobRequeue=1
 KillWait=30
 InactiveLimit=0
 MinJobAge=600
-NodeName=$NODE CPUs=$cpus RealMemory=$mem State=UNKNOWN
-PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 EOF
+    for name in $names; do
+        i=$((i + 1))
+        echo "NodeName=$name NodeAddr=127.0.0.1 Port=$((PORT + i)) CPUs=$cpus RealMemory=$mem State=UNKNOWN" >>"$CONF"
+        nodes=${nodes:+$nodes,}$name
+    done
+    echo "PartitionName=debug Nodes=$nodes Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4" >>"$CONF"
 }
 
 start_munge() {
@@ -98,19 +117,21 @@ start() {
     # Both daemons talk to munged through the socket named in the environment.
     echo "AuthInfo=socket=$DIR/munge/munge.socket" >>"$CONF"
     slurmctld -f "$CONF" || die "slurmctld did not start"
-    slurmd -f "$CONF" || die "slurmd did not start"
+    for name in $(node_names); do
+        slurmd -f "$CONF" -N "$name" || die "slurmd of node $name did not start"
+    done
     for _ in $(seq 60); do
-        if sinfo -h -N -o '%T' 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then
-            echo "SLURM up: node $NODE ($(nproc) CPUs); export SLURM_CONF=$CONF"
+        if [[ $(sinfo -h -N -o '%T' 2>/dev/null | grep -cE '^(idle|mixed|allocated)') == "$N_NODES" ]]; then
+            echo "SLURM up: node(s) $(node_names) ($(nproc) CPUs each); export SLURM_CONF=$CONF"
             return
         fi
         sleep 1
     done
-    die "node $NODE did not become idle: $(sinfo -h -N -o '%T %E' 2>&1)"
+    die "nodes $(node_names) did not all become idle: $(sinfo -h -N -o '%N %T %E' 2>&1)"
 }
 
 stop_daemons() {
-    for pidfile in "$DIR/slurmd.pid" "$DIR/slurmctld.pid" "$DIR/munge/munged.pid"; do
+    for pidfile in "$DIR"/slurmd-*.pid "$DIR/slurmctld.pid" "$DIR/munge/munged.pid"; do
         if [[ -s $pidfile ]]; then
             kill "$(cat "$pidfile")" 2>/dev/null || true
             rm -f "$pidfile"
