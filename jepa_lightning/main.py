@@ -24,6 +24,7 @@ from jepa_lightning import __version__
 from jepa_lightning.callbacks import PredictionWriter, RNGStateCheckpoint
 from jepa_lightning.checkpoints import AtomicCheckpointIO, check_checkpoint, resolve_last
 from jepa_lightning.loggers import SaveConfigToLoggers
+from jepa_lightning.slurm_requeue import SlurmRequeue
 from jepa_lightning.tasks.base import BaseTask
 
 
@@ -49,6 +50,9 @@ class JEPALightningCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(RNGStateCheckpoint, "rng_state")
+        # SLURM's USR1: checkpoint + requeue at a step boundary (Lightning's own handler can
+        # deadlock DDP ranks); ``--requeue.enabled false`` keeps Lightning's.
+        parser.add_lightning_class_args(SlurmRequeue, "requeue")
         parser.set_defaults({"checkpoint.save_last": True})
         # ``predict`` writes a Parquet file (--predictions.output, --predictions.overwrite).
         parser.add_lightning_class_args(PredictionWriter, "predictions")

@@ -2,9 +2,10 @@
 two slurmd emulating two nodes) running the repository's sbatch templates as CPU DDP jobs.
 
 1. The single-node template, 2 tasks on one node, trains to its planned step.
-2. That job gets ``scancel --signal=USR1`` mid-run: Lightning (SLURMEnvironment,
-   auto-requeue) saves ``hpc_ckpt_1.ckpt`` and requeues it; the requeued job resumes from
-   that step and finishes.
+2. That job gets ``scancel --signal=USR1`` mid-run: at the next step boundary the ranks save
+   ``hpc_ckpt_1.ckpt`` together and rank 0 requeues the job
+   (:class:`jepa_lightning.slurm_requeue.SlurmRequeue`); the requeued job resumes and
+   finishes.
 3. The multi-node template, 1 task on each of the 2 nodes: one DDP world across the nodes
    (node ranks 0 and 1, master found from ``SLURM_NODELIST``).
 
