@@ -60,7 +60,13 @@ def slurm_job_id() -> str:
 
 def requeue_job(job_id: str) -> bool:
     """``scontrol requeue <job_id>``; False (and a warning) when it fails."""
-    result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
+    try:
+        result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
+    except FileNotFoundError:
+        log.warning(
+            "scontrol not found on PATH: job %s saved its checkpoint but is not requeued", job_id
+        )
+        return False
     if result.returncode:
         log.warning(
             "scontrol requeue %s failed (%d): %s", job_id, result.returncode, result.stderr.strip()

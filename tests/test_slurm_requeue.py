@@ -103,3 +103,9 @@ def test_hpc_checkpoint_numbering_and_job_ids(tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3; rm -rf /")
     with pytest.raises(ValueError, match="unexpected SLURM job id"):
         slurm_job_id()
+
+
+def test_requeue_without_scontrol_warns_instead_of_crashing(monkeypatch, caplog):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert slurm_requeue.requeue_job("12") is False
+    assert "scontrol not found" in caplog.text
