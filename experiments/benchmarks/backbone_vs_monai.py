@@ -10,8 +10,9 @@ is a fixed sin-cos buffer) and returns the hidden states of every block (no comp
 All variants are timed interleaved in one process (order rotating each round). Samples/s
 are medians over rounds; the ratios (ours over MONAI's samples/s) are paired: the median
 over rounds of MONAI's step time over ours *in the same round*, with a bootstrap 95 % CI
-over rounds, because the host's speed drifts between rounds by more than the gaps measured. ``--compile`` adds ``torch.compile``d variants of ours and of
-MONAI+flash (blocks compiled the same way; compile time reported, not timed).
+over rounds, because the host's speed drifts between rounds by more than the gaps measured.
+``--compile`` adds ``torch.compile``d variants of ours and of MONAI+flash (blocks compiled
+the same way; compile time reported, not timed).
 ``--profile`` prints where each model's time goes, by operator family.
 
     python -m experiments.benchmarks.backbone_vs_monai --size 128 --rounds 3 --threads 1

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -118,8 +119,6 @@ def paired_ratio(
     ratio cancels the drift that a ratio of medians pooled over all rounds keeps. The CI
     resamples rounds.
     """
-    import numpy as np
-
     ratios = np.asarray(numerator) / np.asarray(denominator)
     rng = np.random.default_rng(seed)
     boots = np.median(rng.choice(ratios, (n_resamples, len(ratios))), axis=1)
