@@ -109,6 +109,7 @@ class SlurmRequeue(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.active:
             self._signalled = False
+            self.saved_path = None
             self._previous_handler = signal.signal(self._signal, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
@@ -127,7 +128,7 @@ class SlurmRequeue(L.Callback):
         trainer.should_stop = True
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if not self.active:
+        if stage != "fit" or not self.active:
             return
         if self._previous_handler is not None:
             signal.signal(self._signal, self._previous_handler)

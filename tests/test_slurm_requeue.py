@@ -73,6 +73,17 @@ def test_signal_checkpoints_stops_and_requeues_at_the_next_step_boundary(
     assert signal.getsignal(signal.SIGUSR1) is before  # restored after fit
 
 
+def test_a_second_fit_with_the_same_callback_and_environment_still_requeues(
+    slurm_vars, requeued, tmp_path
+):
+    environment, requeue = SLURMEnvironment(), SlurmRequeue()
+    fit(tmp_path, requeue, SignalBeforeBatch(step=3), environment=environment)
+    trainer = fit(tmp_path, requeue, SignalBeforeBatch(step=5), environment=environment)
+    assert trainer.global_step == 6
+    assert torch.load(tmp_path / "hpc_ckpt_2.ckpt", weights_only=True)["global_step"] == 6
+    assert requeued == ["4242", "4242"]
+
+
 def test_without_a_signal_nothing_is_saved_or_requeued(slurm_vars, requeued, tmp_path):
     trainer = fit(tmp_path, SlurmRequeue())
     assert trainer.global_step == 20

@@ -11,8 +11,9 @@
 #   experiments/slurm/local_cluster.sh stop
 #
 # Settings (environment): SLURM_LOCAL_DIR (default /tmp/jepa-slurm), SLURM_LOCAL_PORT
-# (slurmctld port, default 6817; the slurmds use the next ones), SLURM_LOCAL_NODES (1 or 2). Every failure exits non-zero with
-# the reason and the tail of the daemon's log, so a test can report why SLURM did not start.
+# (slurmctld port, default 6817; the slurmds use the next ones), SLURM_LOCAL_NODES (1 or 2).
+# Every failure exits non-zero with the reason and the tail of the daemon's log, so a test can
+# report why SLURM did not start.
 set -euo pipefail
 
 DIR=${SLURM_LOCAL_DIR:-/tmp/jepa-slurm}
