@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -164,3 +166,86 @@ def clip_loss(
     logits = logit_scale.float() * img @ ehr.T
     labels = torch.arange(len(img), device=img.device)
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+
+# --- JEPA targets without position, and SIGReg -------------------------------------------------
+
+
+def position_r2(tokens: torch.Tensor) -> torch.Tensor:
+    """Share of the variance of ``tokens [B, N, C]`` explained by position alone.
+
+    ``1 - SS(tokens - per-position mean over the batch) / SS(tokens - grand mean)``. Near 1
+    means every sample has nearly the same token at a position: a predictor that knows only
+    *where* a target is scores almost perfectly, so a low latent loss says nothing about
+    content. Needs ``B >= 2`` (returns NaN otherwise)."""
+    tokens = tokens.float()
+    if tokens.shape[0] < 2:
+        return tokens.new_tensor(float("nan"))
+    within = (tokens - tokens.mean(0, keepdim=True)).pow(2).sum()
+    total = (tokens - tokens.mean((0, 1), keepdim=True)).pow(2).sum()
+    return 1.0 - within / total.clamp_min(1e-12)
+
+
+def center_targets(normed: torch.Tensor, position_mean: torch.Tensor) -> torch.Tensor:
+    """Content-only targets: remove the per-position mean ``[N, C]`` from layer-normed target
+    tokens ``[B, N, C]``, then layer-norm again.
+
+    Why: on a small patch grid the layer-normed targets are mostly the fixed position code
+    (a content-free encoder scores well, see ``position_r2``). What is left after
+    subtracting the per-position mean is what differs between patients; the second
+    parameter-free layer norm puts it back on the unit scale the latent loss expects, so a
+    position-only encoder now faces targets it cannot predict (loss at the baseline)."""
+    centred = normed.float() - position_mean.float()
+    return F.layer_norm(centred, centred.shape[-1:])
+
+
+def sigreg_directions(
+    dim: int, n_directions: int, seed: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """``[dim, n_directions]`` random unit vectors from a generator keyed on ``seed`` only.
+
+    The caller keys ``seed`` on the optimizer step: every DDP rank then draws the same
+    directions without communicating, and a new sketch is drawn each step (LeJEPA)."""
+    g = torch.Generator().manual_seed(int(seed) & (2**63 - 1))
+    a = torch.randn(dim, n_directions, generator=g, dtype=torch.float32)
+    return (a / a.norm(dim=0, keepdim=True)).to(device)
+
+
+def sigreg(
+    z: torch.Tensor,
+    directions: torch.Tensor,
+    n_points: int = 17,
+    t_max: float = 3.0,
+    reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """SIGReg (LeJEPA, Balestriero & LeCun 2025): how far ``z [N, D]`` is from an isotropic
+    standard Gaussian, sketched along the unit ``directions [D, M]``.
+
+    For each direction the Epps–Pulley statistic compares the empirical characteristic
+    function of the projected samples with the Gaussian's ``exp(-t^2 / 2)``:
+    ``N * int |ecf(t) - exp(-t^2/2)|^2 exp(-t^2/2) dt`` over ``t in [-t_max, t_max]``
+    (trapezoid on ``n_points`` nodes of ``[0, t_max]``, doubled by symmetry); the result is
+    the mean over directions. A collapsed (constant or low-rank) embedding is far from
+    ``N(0, I)`` in some direction and scores high; Gaussian samples score ~1.
+
+    ``reduce_sum`` sums a tensor over DDP ranks (differentiably, e.g.
+    ``torch.distributed.nn.functional.all_reduce``): the statistic is built from sums of
+    ``cos``/``sin`` over samples, so summing those and the sample count over ranks gives
+    exactly the value one process would compute on the whole global batch.
+    """
+    z = z.float()
+    t = torch.linspace(0.0, t_max, n_points, device=z.device)
+    proj = z @ directions.to(z.device, torch.float32)  # [N, M]
+    args = proj.unsqueeze(-1) * t  # [N, M, T]
+    sums = torch.stack([args.cos().sum(0), args.sin().sum(0)])  # [2, M, T]
+    n = torch.tensor(float(z.shape[0]), device=z.device)
+    if reduce_sum is not None:
+        sums = reduce_sum(sums)
+        n = reduce_sum(n)
+    if n < 1:
+        return z.sum() * 0.0
+    ecf_cos, ecf_sin = sums[0] / n, sums[1] / n
+    gauss = torch.exp(-0.5 * t**2)
+    err = ((ecf_cos - gauss) ** 2 + ecf_sin**2) * gauss  # [M, T]
+    integral = 2.0 * torch.trapezoid(err, t, dim=-1)  # [M]
+    return (n * integral).mean()

@@ -36,11 +36,13 @@ class MultimodalEncoder(nn.Module):
         num_heads: int = 4,
         mlp_ratio: float = 4.0,
         grad_checkpointing: bool = False,
+        residual_rescale: bool = False,
     ):
         super().__init__()
         self.vit = VisionTransformer3D(
-            img_size, patch_size, 1, embed_dim, depth, num_heads, mlp_ratio, grad_checkpointing
-        )
+            img_size, patch_size, 1, embed_dim, depth, num_heads, mlp_ratio, grad_checkpointing,
+            residual_rescale,
+        )  # fmt: skip
         self.ehr = EHRTokenizer(n_ehr_features, embed_dim)
         self.modality_embed = nn.Parameter(torch.randn(2, embed_dim) * 0.02)
         self.embed_dim = embed_dim

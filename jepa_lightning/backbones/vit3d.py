@@ -169,12 +169,23 @@ def init_transformer_weights(module: nn.Module) -> None:
                 nn.init.zeros_(m.bias)
 
 
+def rescale_residual_branches_(blocks: Sequence[Block]) -> None:
+    """I-JEPA's init fix: divide the output projections of block ``i`` (attention ``proj``
+    and the MLP's last linear) by ``sqrt(2 * (i + 1))``, so each residual branch adds less
+    variance the deeper it sits and the residual stream does not grow with depth at init."""
+    with torch.no_grad():
+        for i, block in enumerate(blocks):
+            block.attn.proj.weight.div_(math.sqrt(2.0 * (i + 1)))
+            block.mlp[-1].weight.div_(math.sqrt(2.0 * (i + 1)))
+
+
 class VisionTransformer3D(nn.Module):
     """ViT over a ``[B, C, D, H, W]`` volume.
 
     ``forward(x, keep)`` encodes only the tokens listed in ``keep [B, K]`` (raster indices):
     the patches are embedded, fixed 3-D sin-cos positions added, the kept tokens gathered,
     and only those go through the transformer, so the cost falls with the mask ratio.
+    ``residual_rescale`` applies :func:`rescale_residual_branches_` after the ViT init.
     """
 
     def __init__(
@@ -187,6 +198,7 @@ class VisionTransformer3D(nn.Module):
         num_heads: int = 4,
         mlp_ratio: float = 4.0,
         grad_checkpointing: bool = False,
+        residual_rescale: bool = False,
     ):
         super().__init__()
         self.img_size = as_size3(img_size)
@@ -201,6 +213,8 @@ class VisionTransformer3D(nn.Module):
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim)
         init_transformer_weights(self)
+        if residual_rescale:
+            rescale_residual_branches_(self.blocks)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Patch tokens with positions, ``[B, N, C]``, before any transformer block."""

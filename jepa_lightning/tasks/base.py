@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from typing import Literal
 
 import lightning as L
 import torch
 from torch import nn
 
 from jepa_lightning.backbones.vit3d import compile_blocks
-from jepa_lightning.schedules import warmup_cosine
+from jepa_lightning.schedules import cosine_ramp, warmup_cosine, warmup_stable_decay
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +39,15 @@ def decay_groups(
         if p.requires_grad:
             (no_decay if is_no_decay(name, p) else decay).append(p)
     groups = [
-        {"params": decay, "weight_decay": weight_decay, "lr_mult": lr_mult},
-        {"params": no_decay, "weight_decay": 0.0, "lr_mult": lr_mult},
+        {"params": decay, "weight_decay": weight_decay, "lr_mult": lr_mult, "decayed": True},
+        {"params": no_decay, "weight_decay": 0.0, "lr_mult": lr_mult, "decayed": False},
     ]
     return [g for g in groups if g["params"]]
 
 
 class BaseTask(L.LightningModule):
-    """AdamW with decay groups and a warmup + cosine LR updated every optimizer step.
+    """AdamW with decay groups and a warmup + cosine (or warmup-stable-decay) LR updated every
+    optimizer step.
 
     Args:
         lr: peak learning rate (per ``base_batch_size`` samples when that is set).
@@ -54,6 +56,11 @@ class BaseTask(L.LightningModule):
         min_lr_ratio: final LR as a fraction of the peak.
         base_batch_size: when set, the peak LR is ``lr * global_batch / base_batch_size``
             (global batch = per-device batch x devices x nodes x accumulation).
+        lr_schedule: ``cosine`` (warmup then cosine) or ``wsd`` (warmup, flat, then a linear
+            decay over the last ``decay_fraction`` of the steps; V-JEPA 2).
+        decay_fraction: length of the ``wsd`` decay phase as a share of all steps.
+        weight_decay_end: when set, the weight decay follows a half cosine from
+            ``weight_decay`` to this value over the run (I-JEPA: 0.04 -> 0.4).
     """
 
     def __init__(
@@ -63,13 +70,23 @@ class BaseTask(L.LightningModule):
         warmup_fraction: float = 0.1,
         min_lr_ratio: float = 0.01,
         base_batch_size: int | None = None,
+        lr_schedule: Literal["cosine", "wsd"] = "cosine",
+        decay_fraction: float = 0.2,
+        weight_decay_end: float | None = None,
     ):
         super().__init__()
+        if lr_schedule not in ("cosine", "wsd"):
+            raise ValueError(f"lr_schedule must be 'cosine' or 'wsd', got {lr_schedule!r}")
+        if not 0.0 < decay_fraction <= 1.0:
+            raise ValueError(f"decay_fraction={decay_fraction} must be in (0, 1]")
         self.lr = lr
         self.weight_decay = weight_decay
         self.warmup_fraction = warmup_fraction
         self.min_lr_ratio = min_lr_ratio
         self.base_batch_size = base_batch_size
+        self.lr_schedule = lr_schedule
+        self.decay_fraction = decay_fraction
+        self.weight_decay_end = weight_decay_end
 
     def configure_model(self) -> None:
         """``compile: true`` on a task compiles its transformer blocks here (once, before the
@@ -109,11 +126,41 @@ class BaseTask(L.LightningModule):
         optimizer = torch.optim.AdamW(groups, lr=peak, betas=(0.9, 0.95))
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(self.warmup_fraction * total)
-        log.info("optimizer: peak lr %.3g, %d steps (%d warmup)", peak, total, warmup)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, warmup, total, self.min_lr_ratio)
-        )
+        log.info(
+            "optimizer: peak lr %.3g, %s schedule, %d steps (%d warmup)",
+            peak, self.lr_schedule, total, warmup,
+        )  # fmt: skip
+        if self.lr_schedule == "wsd":
+            decay, ratio = self.decay_fraction, self.min_lr_ratio
+
+            def multiplier(step: int) -> float:
+                return warmup_stable_decay(step, warmup, total, decay, ratio)
+        else:
+
+            def multiplier(step: int) -> float:
+                return warmup_cosine(step, warmup, total, self.min_lr_ratio)
+
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def current_weight_decay(self) -> float:
+        """The weight decay of this optimizer step (constant unless ``weight_decay_end``)."""
+        if self.weight_decay_end is None:
+            return self.weight_decay
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        return cosine_ramp(
+            self.trainer.global_step, total, self.weight_decay, self.weight_decay_end
+        )
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        """Apply the weight-decay schedule to the decayed groups before the step."""
+        if self.weight_decay_end is None:
+            return
+        wd = self.current_weight_decay()
+        for optimizer in self.trainer.optimizers:
+            for group in optimizer.param_groups:
+                if group.get("decayed", group["weight_decay"] > 0):
+                    group["weight_decay"] = wd
 
     # --- step-level diagnostics, only on the steps the logger writes -----------------------
     def is_logger_step(self) -> bool:

@@ -1,9 +1,26 @@
 """MultimodalJEPA: predict, in latent space, what an EMA target encoder says about hidden parts
-of a patient's CT and EHR, from the visible parts (image -> image, image -> EHR, EHR -> image)."""
+of a patient's CT and EHR, from the visible parts (image -> image, image -> EHR, EHR -> image).
+
+What makes it learn (each measured on the quickstart cohort, README "Watching for collapse"):
+
+* **Targets about their own modality** (``target_mode: per_modality``): the target encoder
+  encodes the image alone and the EHR alone. When it sees both, image target tokens carry
+  EHR content that the predictor copies from the EHR context, and the image pathway is
+  never made to encode the image.
+* **Targets without position** (``target_centering``): a running per-position mean of the
+  layer-normed targets is subtracted and the rest layer-normed again. On a small patch grid
+  position explains most of the target variance, so a content-free encoder scores well.
+* **An anti-collapse term per modality** (``sigreg_weight``: SIGReg, LeJEPA) on the pooled
+  context embeddings, with random directions and statistics shared by all DDP ranks.
+* **Monitors with references**: the image-only probe, effective rank and feature spread are
+  also measured on the random-init encoder at step 0 (``ref/*``), so "collapsed" has a scale.
+"""
 
 from __future__ import annotations
 
 import copy
+import logging
+from typing import Literal
 
 import torch
 from torch import nn
@@ -14,16 +31,31 @@ from jepa_lightning.backbones import JEPAPredictor, MultimodalEncoder
 from jepa_lightning.backbones.vit3d import gather_tokens
 from jepa_lightning.collapse import effective_rank, mean_feature_std
 from jepa_lightning.losses import (
+    center_targets,
     latent_regression_loss,
     layer_norm_targets,
     masked_bce_with_logits,
+    position_r2,
+    sigreg,
+    sigreg_directions,
     variance_hinge,
 )
 from jepa_lightning.masking import JEPAMaskCollator
-from jepa_lightning.schedules import ema_momentum, ema_update_
+from jepa_lightning.schedules import ema_init_share, ema_momentum, ema_update_
 from jepa_lightning.tasks.base import BaseTask
+from jepa_lightning.tasks.references import encoder_references
+
+log = logging.getLogger(__name__)
 
 MASK_KEYS = ("ctx_image_idx", "ctx_ehr_idx", "tgt_image_idx", "tgt_ehr_idx")
+VAL_MEANS = (
+    "loss",
+    "loss_image",
+    "loss_ehr",
+    "loss_sigreg",
+    "loss_vs_position_baseline",
+    "target_position_r2",
+)
 
 
 class MultimodalJEPA(BaseTask):
@@ -40,16 +72,32 @@ class MultimodalJEPA(BaseTask):
         ehr_mask_ratio: share of EHR tokens that are targets in joint batches.
         p_image_only / p_ehr_only: probability that a batch drops the EHR (image -> EHR) or
             the image (EHR -> image) from the context.
+        target_mode: ``per_modality`` (image targets from the target encoder on the image
+            alone, EHR targets on the EHR alone) or ``joint`` (one pass over both, the
+            original form: image targets then carry EHR content).
+        target_centering: subtract a running per-position mean from the layer-normed targets
+            and layer-norm again (:func:`~jepa_lightning.losses.center_targets`).
+        target_center_momentum: EMA momentum of that running mean (bias-corrected, so the
+            first batches are not pulled towards 0).
         ema_momentum_start / ema_momentum_end: EMA momentum, linear over optimizer steps.
+            ``train/ema_init_share`` logs the share of the random init left in the target.
         ehr_loss_weight: weight of the EHR-target loss next to the image-target loss.
-        variance_weight: weight of a VICReg variance hinge on the per-sample pooled context
-            embeddings (0 = pure JEPA). Small cohorts can collapse to position-only tokens
-            (watch ``val/feature_std``); this term keeps samples apart.
-        loss: ``smooth_l1`` | ``l1`` | ``l2`` on layer-normed targets, in fp32.
+        sigreg_weight: weight of SIGReg (sketched isotropic-Gaussian regulariser, LeJEPA) on
+            each modality's pooled context embedding; 0 = off.
+        sigreg_directions / sigreg_points: random directions of the sketch (new ones every
+            step, identical on every rank) and integration nodes of the Epps–Pulley test.
+        variance_weight: weight of a VICReg variance hinge on the pooled context embeddings
+            (0 = off; the older anti-collapse option, kept for comparison).
+        loss: ``smooth_l1`` | ``l1`` | ``l2`` on the targets, in fp32.
+        residual_rescale: I-JEPA's init, residual branch outputs scaled by 1/sqrt(2 * depth).
+        reference_metrics: measure the random-init encoder at step 0 (``ref/*``) and the
+            final one at the end (``final/*``): image-only offline probe (logistic
+            regression fitted on labelled training scans, scored on labelled validation
+            scans), effective rank and feature spread of validation embeddings.
         grad_checkpointing: trade compute for activation memory in the encoders.
         compile: ``torch.compile`` the transformer blocks (encoders and predictor) in
-            ``configure_model``; checkpoints are unchanged. Worth it on GPUs; on CPU the
-            GEMMs dominate and the one-off compile takes minutes (README: Performance).
+            ``configure_model``; checkpoints are unchanged.
+        lr ... weight_decay_end: optimizer and schedules (:class:`BaseTask`).
     """
 
     def __init__(
@@ -72,11 +120,19 @@ class MultimodalJEPA(BaseTask):
         ehr_mask_ratio: tuple[float, float] = (0.3, 0.6),
         p_image_only: float = 0.2,
         p_ehr_only: float = 0.2,
+        target_mode: Literal["per_modality", "joint"] = "per_modality",
+        target_centering: bool = True,
+        target_center_momentum: float = 0.99,
         ema_momentum_start: float = 0.996,
         ema_momentum_end: float = 1.0,
         ehr_loss_weight: float = 1.0,
+        sigreg_weight: float = 0.0,
+        sigreg_directions: int = 64,
+        sigreg_points: int = 17,
         variance_weight: float = 0.0,
         loss: str = "smooth_l1",
+        residual_rescale: bool = False,
+        reference_metrics: bool = True,
         grad_checkpointing: bool = False,
         compile: bool = False,
         lr: float = 1.5e-3,
@@ -84,12 +140,20 @@ class MultimodalJEPA(BaseTask):
         warmup_fraction: float = 0.1,
         min_lr_ratio: float = 0.01,
         base_batch_size: int | None = None,
+        lr_schedule: Literal["cosine", "wsd"] = "cosine",
+        decay_fraction: float = 0.2,
+        weight_decay_end: float | None = None,
     ):
-        super().__init__(lr, weight_decay, warmup_fraction, min_lr_ratio, base_batch_size)
+        super().__init__(
+            lr, weight_decay, warmup_fraction, min_lr_ratio, base_batch_size, lr_schedule,
+            decay_fraction, weight_decay_end,
+        )  # fmt: skip
+        if target_mode not in ("per_modality", "joint"):
+            raise ValueError(f"target_mode must be 'per_modality' or 'joint', got {target_mode!r}")
         self.save_hyperparameters()
         self.encoder = MultimodalEncoder(
             image_size, patch_size, n_ehr_features, embed_dim, depth, num_heads, mlp_ratio,
-            grad_checkpointing,
+            grad_checkpointing, residual_rescale,
         )  # fmt: skip
         self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
         self.predictor = JEPAPredictor(
@@ -100,17 +164,26 @@ class MultimodalJEPA(BaseTask):
             predictor_depth,
             predictor_heads,
         )
-        self.probe = nn.Linear(embed_dim, 1)  # online linear probe on detached target features
+        # Online linear probes on detached target features: the image-only one is what
+        # checkpoint selection uses (val/probe_auroc); the joint one sees image and EHR.
+        self.probe = nn.Linear(embed_dim, 1)
+        self.probe_joint = nn.Linear(2 * embed_dim, 1)
         self.val_probe_auroc = BinaryAUROC()
+        self.val_probe_auroc_joint = BinaryAUROC()
+        n_tokens = self.encoder.num_patches + n_ehr_features
+        # Running per-position mean of the layer-normed targets (image positions, then EHR
+        # features) and the number of batches in it; saved, so a resume keeps centring alike.
+        self.register_buffer("target_mean", torch.zeros(n_tokens, embed_dim))
+        self.register_buffer("target_mean_batches", torch.zeros((), dtype=torch.long))
+        # Product of the EMA momenta so far: the share of the random init left in the target.
+        self.register_buffer("ema_init_share", torch.ones((), dtype=torch.float64))
         self._last_ema_step = -1
-        # Pooled validation embeddings of every rank (CatMetric all-gathers at compute), so
-        # the collapse metrics describe the whole split, not rank 0's share.
+        # Pooled image-only validation embeddings of every rank (CatMetric all-gathers at
+        # compute), so the collapse metrics describe the whole split, not rank 0's share.
         self.val_embeddings = CatMetric(nan_strategy="disable")
         # Means over all ranks' batches; a rank whose batches drew no EHR target (modality
         # drop) has no ``loss_ehr`` but still joins the sync.
-        self.val_losses = nn.ModuleDict(
-            {k: MeanMetric() for k in ("loss", "loss_image", "loss_ehr")}
-        )
+        self.val_losses = nn.ModuleDict({k: MeanMetric() for k in VAL_MEANS})
 
     # --- masks are made in the loader workers --------------------------------------------
     def mask_collator(self) -> JEPAMaskCollator:
@@ -139,20 +212,83 @@ class MultimodalJEPA(BaseTask):
         self.target_encoder.eval()  # the target never runs in training mode
         return self
 
-    # --- the JEPA computation --------------------------------------------------------------
+    # --- DDP helpers ---------------------------------------------------------------------------
+    def _world(self) -> int:
+        return self.trainer.world_size if self._trainer is not None else 1
+
+    def _mean_over_ranks(self, x: torch.Tensor) -> torch.Tensor:
+        if self._world() > 1:
+            return self.trainer.strategy.reduce(x.clone(), reduce_op="mean")
+        return x
+
+    def _sum_over_ranks_differentiable(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks with a backward (each rank gets the gradient of the global value;
+        DDP's averaging then gives the gradient of the statistic of the global batch)."""
+        import torch.distributed.nn.functional as dist_fn
+
+        return dist_fn.all_reduce(x)
+
+    # --- targets -----------------------------------------------------------------------------
     @torch.no_grad()
-    def targets(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Layer-normed target-encoder outputs at the image and EHR target positions, and the
-        pooled (un-normed) embedding of the whole patient for the probe."""
+    def encode_targets(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Target-encoder outputs ``(image [B, N, C], EHR [B, F, C] or None)``.
+
+        ``per_modality``: one pass over the image alone and one over the EHR alone, so each
+        modality's targets are about that modality. ``joint``: one pass over both."""
+        image, missing = batch["image"], batch["ehr_missing"]
         ehr = batch["ehr"] if self.hparams.use_ehr else None
-        hidden = self.target_encoder(batch["image"], ehr, batch["ehr_missing"])
         n_img = self.encoder.num_patches
+        if self.hparams.target_mode == "joint" and ehr is not None:
+            hidden = self.target_encoder(image, ehr, missing)
+            return hidden[:, :n_img], hidden[:, n_img:]
+        img = self.target_encoder(image, None, missing)
+        return img, (self.target_encoder(None, ehr, missing) if ehr is not None else None)
+
+    @torch.no_grad()
+    def update_target_mean(self, normed: torch.Tensor) -> None:
+        """Fold this batch's per-position mean (averaged over ranks) into the running mean."""
+        batch_mean = self._mean_over_ranks(normed.float().mean(0))
+        k = int(self.target_mean_batches)
+        rate = max(1.0 / (k + 1), 1.0 - self.hparams.target_center_momentum)
+        self.target_mean[: batch_mean.shape[0]].lerp_(batch_mean, rate)
+        self.target_mean_batches += 1
+
+    @torch.no_grad()
+    def targets(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Targets at every image position and EHR feature, the position-only baseline
+        prediction (the per-position batch mean of the targets), pooled features for the
+        probes, and the position R² of the raw layer-normed targets."""
+        img, ehr = self.encode_targets(batch)
+        hidden = img if ehr is None else torch.cat([img, ehr], dim=1)
         normed = layer_norm_targets(hidden)
-        tgt_img = gather_tokens(normed[:, :n_img], batch["tgt_image_idx"])
-        tgt_ehr = (
-            gather_tokens(normed[:, n_img:], batch["tgt_ehr_idx"]) if ehr is not None else None
+        out = {"target_position_r2": position_r2(normed)}
+        if self.hparams.target_centering:
+            if self.training:
+                self.update_target_mean(normed)
+            normed = center_targets(normed, self.target_mean[: normed.shape[1]])
+        out["targets"] = normed
+        out["baseline"] = normed.mean(0, keepdim=True).expand_as(normed)
+        out["pooled_image"] = img.mean(1)
+        ehr_pooled = ehr.mean(1) if ehr is not None else torch.zeros_like(out["pooled_image"])
+        out["pooled_joint"] = torch.cat([out["pooled_image"], ehr_pooled], dim=1)
+        return out
+
+    # --- the JEPA computation --------------------------------------------------------------
+    def sigreg_term(self, context: torch.Tensor, n_ctx_img: int) -> torch.Tensor:
+        """SIGReg on each modality's pooled context embedding, averaged over the modalities
+        present in this batch; same directions on every rank (keyed on the step)."""
+        step = self.trainer.global_step if self._trainer is not None else 0
+        seed = 0 if not self.training else 1 + step
+        dirs = sigreg_directions(
+            self.hparams.embed_dim, self.hparams.sigreg_directions, seed, context.device
         )
-        return tgt_img, tgt_ehr, hidden.mean(1)
+        reduce = self._sum_over_ranks_differentiable if self._world() > 1 else None
+        terms = []
+        for part in (context[:, :n_ctx_img], context[:, n_ctx_img:]):
+            if part.shape[1]:
+                z = part.mean(1)
+                terms.append(sigreg(z, dirs, self.hparams.sigreg_points, reduce_sum=reduce))
+        return torch.stack(terms).mean()
 
     def jepa_losses(self, batch: dict) -> dict[str, torch.Tensor]:
         if any(k not in batch for k in MASK_KEYS):
@@ -160,8 +296,10 @@ class MultimodalJEPA(BaseTask):
                 "batch has no JEPA mask indices: the data module must apply the task's "
                 "collate_hook (CTEHRDataModule does; a custom one needs a `collate_hook` attribute)"
             )
-        tgt_img, tgt_ehr, pooled = self.targets(batch)
+        t = self.targets(batch)
+        n_img = self.encoder.num_patches
         ctx_img, ctx_ehr = batch["ctx_image_idx"], batch["ctx_ehr_idx"]
+        tgt_img_idx, tgt_ehr_idx = batch["tgt_image_idx"], batch["tgt_ehr_idx"]
         context = self.encoder(
             batch["image"] if ctx_img.shape[1] else None,
             batch["ehr"] if ctx_ehr.shape[1] else None,
@@ -169,38 +307,58 @@ class MultimodalJEPA(BaseTask):
             image_keep=ctx_img,
             ehr_keep=ctx_ehr,
         )
-        tgt_ehr_idx = batch["tgt_ehr_idx"]
-        pred_img, pred_ehr = self.predictor(
-            context, ctx_img, ctx_ehr, batch["tgt_image_idx"], tgt_ehr_idx
-        )
-        out = {"loss_image": latent_regression_loss(pred_img, tgt_img, kind=self.hparams.loss)}
+        pred_img, pred_ehr = self.predictor(context, ctx_img, ctx_ehr, tgt_img_idx, tgt_ehr_idx)
+        kind = self.hparams.loss
+        tgt_img = gather_tokens(t["targets"][:, :n_img], tgt_img_idx)
+        base_img = gather_tokens(t["baseline"][:, :n_img], tgt_img_idx)
+        out = {"loss_image": latent_regression_loss(pred_img, tgt_img, kind=kind)}
+        with torch.no_grad():
+            baseline = latent_regression_loss(base_img, tgt_img, kind=kind)
+            out["loss_vs_position_baseline"] = out["loss_image"].detach() / baseline.clamp_min(
+                1e-12
+            )
         loss = out["loss_image"]
         if tgt_ehr_idx.shape[1]:
+            tgt_ehr = gather_tokens(t["targets"][:, n_img:], tgt_ehr_idx)
             observed = ~torch.gather(batch["ehr_missing"], 1, tgt_ehr_idx)
-            out["loss_ehr"] = latent_regression_loss(
-                pred_ehr, tgt_ehr, observed, kind=self.hparams.loss
-            )
+            out["loss_ehr"] = latent_regression_loss(pred_ehr, tgt_ehr, observed, kind=kind)
             loss = loss + self.hparams.ehr_loss_weight * out["loss_ehr"]
+        if self.hparams.sigreg_weight > 0:
+            out["loss_sigreg"] = self.sigreg_term(context, ctx_img.shape[1])
+            loss = loss + self.hparams.sigreg_weight * out["loss_sigreg"]
         if self.hparams.variance_weight > 0:
             out["loss_variance"] = variance_hinge(context.mean(1))
             loss = loss + self.hparams.variance_weight * out["loss_variance"]
         out["loss"] = loss
-        out["pooled"] = pooled.detach()
+        out["target_position_r2"] = t["target_position_r2"]
+        out["pooled_image"] = t["pooled_image"].detach()
+        out["pooled_joint"] = t["pooled_joint"].detach()
         return out
+
+    def probe_losses(self, out: dict, labels: torch.Tensor) -> torch.Tensor:
+        image = masked_bce_with_logits(self.probe(out["pooled_image"]).squeeze(-1), labels)
+        joint = masked_bce_with_logits(self.probe_joint(out["pooled_joint"]).squeeze(-1), labels)
+        return image + joint
 
     def training_step(self, batch: dict, batch_idx: int):
         if not batch:  # every sample of the batch was skipped as bad input
             return None
         out = self.jepa_losses(batch)
-        probe_loss = masked_bce_with_logits(self.probe(out["pooled"]).squeeze(-1), batch["label"])
+        probe_loss = self.probe_losses(out, batch["label"])
         bs = len(batch["image"])
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=bs)
-        diagnostics = {k: out[k] for k in ("loss_image", "loss_ehr", "loss_variance") if k in out}
+        keys = ("loss_image", "loss_ehr", "loss_sigreg", "loss_variance")
+        diagnostics = {k: out[k] for k in keys if k in out}
+        diagnostics["loss_vs_position_baseline"] = out["loss_vs_position_baseline"]
         diagnostics["probe_loss"] = probe_loss
         diagnostics["ema_momentum"] = self.current_momentum()
+        diagnostics["ema_init_share"] = float(self.ema_init_share)
+        if self.weight_decay_end is not None:
+            diagnostics["weight_decay"] = self.current_weight_decay()
         self.log_train_diagnostics(diagnostics, bs)
         return out["loss"] + probe_loss
 
+    # --- EMA -----------------------------------------------------------------------------------
     def current_momentum(self) -> float:
         total = max(1, int(self.trainer.estimated_stepping_batches))
         h = self.hparams
@@ -210,6 +368,22 @@ class MultimodalJEPA(BaseTask):
 
     def on_train_start(self) -> None:
         self._last_ema_step = self.trainer.global_step  # also right after a resume
+        h = self.hparams
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        share = ema_init_share(max(1, total // 10), total, h.ema_momentum_start, h.ema_momentum_end)
+        log.info(
+            "EMA %.4g -> %.4g over %d steps: %.1f %% of the random init left in the target "
+            "after 10 %% of the steps",
+            h.ema_momentum_start, h.ema_momentum_end, total, 100 * share,
+        )  # fmt: skip
+        if share > 0.05:
+            log.warning(
+                "the EMA target keeps %.0f %% of its random init after 10 %% of the run; lower "
+                "ema_momentum_start (the finetuning starts from the target encoder)",
+                100 * share,
+            )
+        if h.reference_metrics and self.trainer.global_step == 0:
+            self.log_references("ref")
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         # Once per real optimizer step: with gradient accumulation global_step only moves
@@ -218,11 +392,28 @@ class MultimodalJEPA(BaseTask):
         if step == self._last_ema_step:
             return
         self._last_ema_step = step
+        momentum = self.current_momentum()
         ema_update_(
-            list(self.target_encoder.parameters()),
-            list(self.encoder.parameters()),
-            self.current_momentum(),
+            list(self.target_encoder.parameters()), list(self.encoder.parameters()), momentum
         )
+        self.ema_init_share *= momentum
+
+    def on_train_end(self) -> None:
+        if self.hparams.reference_metrics:
+            self.log_references("final")
+
+    def log_references(self, prefix: str) -> None:
+        """Offline image-only measures of the current target encoder (``ref`` at step 0:
+        the random-init reference; ``final`` after training), to the logger and the log."""
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is None:
+            return
+        values = encoder_references(self.target_encoder, dm, self.device)
+        values = {f"{prefix}/{k}": v for k, v in values.items()}
+        log.info("%s", ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+        self.reference_values = {**getattr(self, "reference_values", {}), **values}
+        for logger in self.loggers:
+            logger.log_metrics(values, step=self.trainer.global_step)
 
     # --- validation: JEPA loss, online probe AUROC, collapse metrics --------------------------
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -231,16 +422,19 @@ class MultimodalJEPA(BaseTask):
         out = self.jepa_losses(batch)
         bs = len(batch["image"])
         for key, metric in self.val_losses.items():
-            if key in out:
+            if key in out and torch.isfinite(out[key]):
                 metric.update(out[key].detach().float(), weight=bs)
         labelled = ~torch.isnan(batch["label"])
         if labelled.any():
-            prob = torch.sigmoid(self.probe(out["pooled"]).squeeze(-1))
             # float targets: torchmetrics stands in an empty *float* tensor for a rank without
             # samples when it all-gathers, and a long state on the other ranks would not match
-            self.val_probe_auroc.update(prob[labelled], batch["label"][labelled].float())
+            y = batch["label"][labelled].float()
+            prob = torch.sigmoid(self.probe(out["pooled_image"]).squeeze(-1))
+            self.val_probe_auroc.update(prob[labelled], y)
+            prob_joint = torch.sigmoid(self.probe_joint(out["pooled_joint"]).squeeze(-1))
+            self.val_probe_auroc_joint.update(prob_joint[labelled], y)
         # flattened: torchmetrics gathers a rank without samples as a 1-D empty tensor
-        self.val_embeddings.update(out["pooled"].float().flatten())
+        self.val_embeddings.update(out["pooled_image"].float().flatten())
 
     def on_validation_epoch_end(self) -> None:
         # Counts summed over ranks: every rank enters the same compute() (all-gathers), also
@@ -250,7 +444,9 @@ class MultimodalJEPA(BaseTask):
             self.log(
                 "val/probe_auroc", self.val_probe_auroc.compute(), prog_bar=True, sync_dist=True
             )
+            self.log("val/probe_auroc_joint", self.val_probe_auroc_joint.compute(), sync_dist=True)
         self.val_probe_auroc.reset()
+        self.val_probe_auroc_joint.reset()
         if self.count_over_ranks(self.val_embeddings.update_count):
             z = self.val_embeddings.compute().reshape(-1, self.hparams.embed_dim)
             self.log("val/effective_rank", effective_rank(z), sync_dist=True)
