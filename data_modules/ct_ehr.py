@@ -530,6 +530,14 @@ class CTEHRDataModule(L.LightningDataModule):
             raise RuntimeError("call setup() before reading split_table")
         return self._table[["scan_id", "patient_id", "split", "cohort"]].copy()
 
+    def labelled_counts(self) -> dict[str, int]:
+        """Labelled scans per split (``{"train": 84, "val": 0, ...}``): what a checkpoint
+        callback reports when a label-based metric was never logged."""
+        if self._table is None:
+            return {}
+        labelled = self._table["label"].notna()
+        return {s: int(labelled[self._table["split"] == s].sum()) for s in ("train", "val", "test")}
+
     @property
     def cohorts(self) -> list[str]:
         if self._table is None:

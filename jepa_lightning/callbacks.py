@@ -1,5 +1,7 @@
 """Callbacks the CLI adds to every run.
 
+:class:`SelectingCheckpoint` is Lightning's ``ModelCheckpoint`` that survives an archive
+without labelled validation scans (the monitored probe metric is then never logged).
 :class:`RNGStateCheckpoint` makes resumed runs draw the same random numbers as uninterrupted
 ones. :class:`PredictionWriter` turns ``predict`` into a file: one Parquet row per scan with its
 identifiers, label, predicted probability and backbone embedding, so statistics, plots and
@@ -18,7 +20,8 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +160,51 @@ class PredictionWriter(BasePredictionWriter):
                 p.unlink()
             log.info("merged %d predictions from %d ranks into %s", len(merged), len(parts), path)
         trainer.strategy.barrier("predictions_merged")
+
+
+class SelectingCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose best-epoch selection switches itself off, with one log line,
+    when the monitored metric is never logged, instead of killing the run.
+
+    Why: pretraining configs select the epoch by ``val/probe_auroc``, the online probe on
+    *labelled* validation scans. On an unlabelled archive (no ``label`` column, or labels only
+    in the training split) every task skips that metric, and Lightning's own
+    ``ModelCheckpoint`` then raises at the end of the first validation epoch, before any
+    checkpoint is written. Here the first validation end without the key logs why, and the
+    callback continues as ``monitor=None``: with ``save_last`` (the CLI default) only
+    ``last.ckpt`` is kept, updated every epoch; without it the latest epoch is kept. The
+    decision is taken on metrics every rank computed alike (the tasks count labelled scans
+    over all ranks), so DDP ranks switch together.
+    """
+
+    def _save_topk_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict) -> None:
+        if (
+            self.monitor is not None
+            and self.monitor not in monitor_candidates
+            and trainer.fit_loop.epoch_loop.val_loop._has_run
+        ):
+            self._switch_off_selection(trainer, monitor_candidates)
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
+
+    def _switch_off_selection(self, trainer: L.Trainer, monitor_candidates: dict) -> None:
+        counts = getattr(trainer.datamodule, "labelled_counts", None)
+        why = ""
+        if callable(counts):
+            by_split = counts()
+            why = f" (labelled scans per split: {by_split})"
+            if not by_split.get("val"):
+                why = (
+                    f": the validation split has no labelled scan{why}, so the online probe is off"
+                )
+        keep = "last.ckpt only, updated every epoch" if self.save_last else "the latest epoch"
+        rank_zero_info(
+            f"checkpoint: {self.monitor!r} was not logged{why}; best-epoch selection is off "
+            f"and the checkpoint falls back to {keep} (logged: {sorted(monitor_candidates)})"
+        )
+        self.monitor = None
+        self.save_top_k = 0 if self.save_last else 1
+        # filename templates may name the metric; the fallback file must still be writable
+        self.filename = None if self.filename and "{" in self.filename else self.filename
 
 
 def _numpy_state() -> tuple:

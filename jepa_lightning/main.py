@@ -12,7 +12,6 @@ from pathlib import Path
 
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
@@ -21,7 +20,7 @@ import data_modules.ct_ehr  # noqa: F401
 import data_modules.synthetic  # noqa: F401
 import jepa_lightning.tasks  # noqa: F401
 from jepa_lightning import __version__
-from jepa_lightning.callbacks import PredictionWriter, RNGStateCheckpoint
+from jepa_lightning.callbacks import PredictionWriter, RNGStateCheckpoint, SelectingCheckpoint
 from jepa_lightning.checkpoints import AtomicCheckpointIO, check_checkpoint, resolve_last
 from jepa_lightning.loggers import SaveConfigToLoggers
 from jepa_lightning.slurm_requeue import SlurmRequeue
@@ -48,7 +47,9 @@ class JEPALightningCLI(LightningCLI):
             check_checkpoint(ckpt)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        # ``--checkpoint.*`` is Lightning's ModelCheckpoint; its monitor switches itself off
+        # (one log line, last.ckpt kept) when an unlabelled archive never logs the metric.
+        parser.add_lightning_class_args(SelectingCheckpoint, "checkpoint")
         parser.add_lightning_class_args(RNGStateCheckpoint, "rng_state")
         # SLURM's USR1: checkpoint + requeue at a step boundary (Lightning's own handler can
         # deadlock DDP ranks); ``--requeue.enabled false`` keeps Lightning's.

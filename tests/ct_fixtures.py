@@ -104,3 +104,42 @@ def write_dicom_series(
         ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()  # rows = y, columns = x
         ds.save_as(folder / name, enforce_file_format=True)
     return folder
+
+
+def nifti_archive(
+    root: Path,
+    n_train: int = 12,
+    n_val: int = 6,
+    n_test: int = 6,
+    shape=(16, 16, 12),
+    name: str = "manifest.parquet",
+    seed: int = 0,
+) -> Path:
+    """A small NIfTI archive (no synthetic-cohort generator involved): blob volumes whose ball
+    is bright for label 1, ``n_*`` scans per split, two EHR columns, both cohorts in test."""
+    rng = np.random.default_rng(seed)
+    affine = np.diag([1.2, 1.2, 2.0, 1.0])
+    rows = []
+    splits = ["train"] * n_train + ["val"] * n_val + ["test"] * n_test
+    for i, split in enumerate(splits):
+        label = i % 2
+        centre = [int(rng.integers(4, s - 4)) for s in shape]
+        vol = blob_volume(shape, centre, radius=3.0, fg=300.0 if label else -100.0)
+        vol = (vol + rng.integers(-30, 30, vol.shape)).astype(np.int16)
+        write_nifti(root / "img" / f"{i:03d}.nii.gz", vol, affine)
+        rows.append(
+            {
+                "patient_id": f"P{i:03d}",
+                "scan_id": f"S{i:03d}",
+                "image": f"img/{i:03d}.nii.gz",
+                "label": float(label),
+                "split": split,
+                "cohort": "external" if split == "test" and i % 3 == 0 else "internal",
+                "ehr_age": float(50 + i),
+                "ehr_crp": float(rng.normal(label, 1.0)),
+            }
+        )
+    path = root / name
+    df = pd.DataFrame(rows)
+    df.to_csv(path, index=False) if name.endswith(".csv") else df.to_parquet(path, index=False)
+    return path

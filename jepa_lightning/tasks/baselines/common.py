@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torchmetrics import CatMetric, MeanMetric
 from torchmetrics.classification import BinaryAUROC
 
 from jepa_lightning.collapse import effective_rank, mean_feature_std
@@ -25,16 +26,30 @@ class SSLTask(BaseTask):
     labelled scans (it never shapes the backbone), and logs ``val/probe_auroc``,
     ``val/effective_rank`` and ``val/feature_std`` each validation epoch: the same
     monitors as the JEPA task, so every method's best epoch is chosen the same way.
-    Extra scalar entries of the loss dict are logged as ``train/<name>``/``val/<name>``.
+    Extra scalar entries of the loss dict are logged as ``train/<name>``/``val/<name>``;
+    a subclass lists the ones it returns in ``LOSS_KEYS``.
+
+    Under DDP every validation monitor is a torchmetrics state synced at epoch end (AUROC
+    on float targets, the embeddings in a ``CatMetric``, each loss in a ``MeanMetric``), and
+    whether to compute one is decided on its update count summed over ranks
+    (:meth:`BaseTask.count_over_ranks`). A rank whose share of the validation split holds no
+    labelled scan therefore still joins the all-gather of the others: deciding per rank
+    left the labelled rank waiting in a collective forever (issue 18).
     """
+
+    #: scalar entries of :meth:`ssl_losses`' dict, each averaged over the validation epoch
+    LOSS_KEYS: tuple[str, ...] = ("loss",)
 
     def __init__(
         self, embed_dim: int, lr, weight_decay, warmup_fraction, min_lr_ratio, base_batch_size
     ):
         super().__init__(lr, weight_decay, warmup_fraction, min_lr_ratio, base_batch_size)
         self.probe = nn.Linear(embed_dim, 1)
+        self.embed_dim = embed_dim
         self.val_probe_auroc = BinaryAUROC()
-        self._val_embeddings: list[torch.Tensor] = []
+        # flattened [B * C]: torchmetrics gathers a rank without samples as a 1-D empty tensor
+        self.val_embeddings = CatMetric(nan_strategy="disable")
+        self.val_losses = nn.ModuleDict({k: MeanMetric() for k in self.LOSS_KEYS})
 
     def ssl_losses(
         self, batch: dict, generator: torch.Generator | None = None
@@ -79,27 +94,37 @@ class SSLTask(BaseTask):
         if not batch:
             return
         out = self.ssl_losses(batch, self._step_generator(batch, batch_idx))
+        bs = len(batch["label"])
         for name, value in self._scalars(out).items():
-            self.log(
-                f"val/{name}",
-                value,
-                prog_bar=name == "loss",
-                batch_size=len(batch["label"]),
-                sync_dist=True,
-            )
+            if name not in self.val_losses:
+                raise KeyError(
+                    f"{type(self).__name__}.ssl_losses returned {name!r}, which is not in "
+                    f"LOSS_KEYS {self.LOSS_KEYS}: add it there so every rank averages it"
+                )
+            self.val_losses[name].update(value.detach().float(), weight=bs)
         pooled = out["pooled"].detach()
         labelled = ~torch.isnan(batch["label"])
         if labelled.any():
             prob = torch.sigmoid(self.probe(pooled).squeeze(-1))
-            self.val_probe_auroc.update(prob[labelled], batch["label"][labelled].long())
-        self._val_embeddings.append(pooled.float().cpu())
+            # float targets: torchmetrics stands in an empty *float* tensor for a rank without
+            # samples when it all-gathers; a long state elsewhere would not match it
+            self.val_probe_auroc.update(prob[labelled], batch["label"][labelled].float())
+        self.val_embeddings.update(pooled.float().flatten())
 
     def on_validation_epoch_end(self) -> None:
-        if self.val_probe_auroc.update_count:
-            self.log("val/probe_auroc", self.val_probe_auroc.compute(), prog_bar=True)
+        # Every decision on counts over all ranks, so all ranks enter the same compute()s.
+        # Computed values are then equal on every rank; sync_dist averages equal numbers.
+        if self.count_over_ranks(self.val_probe_auroc.update_count):
+            self.log(
+                "val/probe_auroc", self.val_probe_auroc.compute(), prog_bar=True, sync_dist=True
+            )
         self.val_probe_auroc.reset()
-        if self._val_embeddings:
-            z = torch.cat(self._val_embeddings)
-            self.log("val/effective_rank", effective_rank(z))
-            self.log("val/feature_std", mean_feature_std(z))
-        self._val_embeddings.clear()
+        if self.count_over_ranks(self.val_embeddings.update_count):
+            z = self.val_embeddings.compute().reshape(-1, self.embed_dim)
+            self.log("val/effective_rank", effective_rank(z), sync_dist=True)
+            self.log("val/feature_std", mean_feature_std(z), sync_dist=True)
+        self.val_embeddings.reset()
+        for name, metric in self.val_losses.items():
+            if self.count_over_ranks(metric.update_count):
+                self.log(f"val/{name}", metric.compute(), prog_bar=name == "loss", sync_dist=True)
+            metric.reset()

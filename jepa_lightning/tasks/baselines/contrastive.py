@@ -32,6 +32,8 @@ class ImageEHRContrastive(SSLTask):
         lr ... base_batch_size: optimizer and schedule (see ``BaseTask``).
     """
 
+    LOSS_KEYS = ("loss", "logit_scale")
+
     def __init__(
         self,
         image_size: int | list[int] = 32,

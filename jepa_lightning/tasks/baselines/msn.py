@@ -73,6 +73,8 @@ class MSN(SSLTask):
         lr ... base_batch_size: optimizer and schedule (see ``BaseTask``).
     """
 
+    LOSS_KEYS = ("loss", "loss_ce", "mean_entropy")
+
     def __init__(
         self,
         image_size: int | list[int] = 32,
