@@ -186,7 +186,9 @@ def position_r2(tokens: torch.Tensor) -> torch.Tensor:
     return 1.0 - within / total.clamp_min(1e-12)
 
 
-def center_targets(normed: torch.Tensor, position_mean: torch.Tensor) -> torch.Tensor:
+def center_targets(
+    normed: torch.Tensor, position_mean: torch.Tensor, eps: float = 1e-8
+) -> torch.Tensor:
     """Content-only targets: remove the per-position mean ``[N, C]`` from layer-normed target
     tokens ``[B, N, C]``, then layer-norm again.
 
@@ -194,9 +196,12 @@ def center_targets(normed: torch.Tensor, position_mean: torch.Tensor) -> torch.T
     (a content-free encoder scores well, see ``position_r2``). What is left after
     subtracting the per-position mean is what differs between patients; the second
     parameter-free layer norm puts it back on the unit scale the latent loss expects, so a
-    position-only encoder now faces targets it cannot predict (loss at the baseline)."""
+    position-only encoder now faces targets it cannot predict (loss at the baseline).
+    ``eps`` is far below LayerNorm's usual 1e-5 on purpose: an encoder whose tokens differ
+    between patients by only 0.1 % must still face unit-scale targets, or a near
+    content-free encoder would score ~0 against near-zero targets."""
     centred = normed.float() - position_mean.float()
-    return F.layer_norm(centred, centred.shape[-1:])
+    return F.layer_norm(centred, centred.shape[-1:], eps=eps)
 
 
 def sigreg_directions(

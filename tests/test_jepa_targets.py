@@ -1,0 +1,281 @@
+"""The JEPA fixes of "A JEPA that learns": SIGReg, position-free targets, per-modality
+targets, schedules that fit the run, and the reference monitors."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from jepa_lightning.backbones.vit3d import VisionTransformer3D
+from jepa_lightning.losses import (
+    center_targets,
+    latent_regression_loss,
+    layer_norm_targets,
+    position_r2,
+    sigreg,
+    sigreg_directions,
+)
+from jepa_lightning.schedules import (
+    cosine_ramp,
+    ema_init_share,
+    ema_momentum,
+    warmup_stable_decay,
+)
+from jepa_lightning.tasks import MultimodalJEPA
+from jepa_lightning.tasks.references import offline_probe_auroc
+
+DIRS = sigreg_directions(32, 64, seed=0)
+
+# ------------------------------------------------------------------------------- SIGReg
+
+
+def test_sigreg_small_for_gaussian_large_for_collapse():
+    g = torch.Generator().manual_seed(1)
+    gauss = sigreg(torch.randn(512, 32, generator=g), DIRS)
+    constant = sigreg(torch.zeros(512, 32), DIRS)
+    rank_one = sigreg(torch.randn(512, 1, generator=g) * torch.ones(1, 32), DIRS)
+    shrunk = sigreg(0.05 * torch.randn(512, 32, generator=g), DIRS)
+    assert gauss < 3.0
+    assert constant > 50 * gauss and shrunk > 50 * gauss and rank_one > 10 * gauss
+
+
+def test_sigreg_gradient_pushes_a_collapsed_batch_apart():
+    z = (0.01 * torch.randn(256, 32, generator=torch.Generator().manual_seed(2))).requires_grad_()
+    opt = torch.optim.SGD([z], lr=1.0)
+    before = float(z.detach().std(0).mean())
+    for _ in range(100):
+        opt.zero_grad()
+        sigreg(z, DIRS).backward()
+        opt.step()
+    assert float(z.detach().std(0).mean()) > 20 * before
+
+
+def test_sigreg_directions_are_unit_and_keyed_on_the_seed():
+    assert torch.allclose(DIRS.norm(dim=0), torch.ones(64))
+    assert torch.equal(DIRS, sigreg_directions(32, 64, seed=0))
+    assert not torch.equal(DIRS, sigreg_directions(32, 64, seed=1))
+
+
+def test_sigreg_of_split_batch_with_summed_statistics_equals_whole_batch():
+    """Two 'ranks' each holding half the batch: summing their cos/sin sums and counts (what
+    the all-reduce does) gives exactly the one-process value."""
+    z = torch.randn(64, 32, generator=torch.Generator().manual_seed(3))
+    whole = sigreg(z, DIRS)
+    halves = (z[:40], z[40:])
+    captured: list[torch.Tensor] = []
+
+    def fake_reduce(rank_half: int):
+        def reduce(x: torch.Tensor) -> torch.Tensor:
+            captured.append(x)
+            return x  # replaced below by the sum of both halves' statistics
+
+        return reduce
+
+    # statistics of each half, then the sum over halves fed back to each
+    stats = []
+    for h in halves:
+        captured.clear()
+        sigreg(h, DIRS, reduce_sum=fake_reduce(0))
+        stats.append([c.clone() for c in captured])
+    summed = [stats[0][i] + stats[1][i] for i in range(2)]
+    values = []
+    for h in halves:
+        it = iter(summed)
+        values.append(sigreg(h, DIRS, reduce_sum=lambda x, it=it: next(it)))
+    assert torch.allclose(values[0], whole, rtol=1e-5) and torch.allclose(
+        values[1], whole, rtol=1e-5
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_rank_sigreg(rank: int, port: int, z: torch.Tensor, out: dict) -> None:
+    import torch.distributed as dist
+    import torch.distributed.nn.functional as dist_fn
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        local = z[rank::2].clone().requires_grad_()
+        value = sigreg(local, DIRS, reduce_sum=dist_fn.all_reduce)
+        value.backward()
+        out[rank] = (float(value), local.grad.clone())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sigreg_two_gloo_ranks_equal_one_process():
+    """Real 2-process gloo: each rank's value is the whole batch's, and the gradients (summed
+    by the all-reduce's backward, then averaged by DDP: x 1/2) are the whole batch's."""
+    z = torch.randn(48, 32, generator=torch.Generator().manual_seed(4))
+    whole = z.clone().requires_grad_()
+    expected = sigreg(whole, DIRS)
+    expected.backward()
+    out = mp.Manager().dict()
+    mp.spawn(_two_rank_sigreg, args=(_free_port(), z, out), nprocs=2, join=True)
+    for rank in (0, 1):
+        value, grad = out[rank]
+        assert value == pytest.approx(float(expected), rel=1e-5)
+        assert torch.allclose(grad / 2, whole.grad[rank::2], atol=1e-6)
+
+
+# -------------------------------------------------------------------- targets without position
+
+
+def _position_only_tokens(batch: int = 16) -> torch.Tensor:
+    """What a content-free encoder emits: the same code at each position for every sample,
+    plus a sliver of noise."""
+    code = torch.randn(1, 64, 32, generator=torch.Generator().manual_seed(5))
+    noise = 1e-3 * torch.randn(batch, 64, 32, generator=torch.Generator().manual_seed(6))
+    return code + noise
+
+
+def test_position_r2_near_one_for_position_only_and_near_zero_for_content():
+    assert float(position_r2(layer_norm_targets(_position_only_tokens()))) > 0.99
+    content = torch.randn(16, 64, 32, generator=torch.Generator().manual_seed(7))
+    assert abs(float(position_r2(content))) < 0.15
+
+
+def test_centring_leaves_a_position_only_encoder_at_the_baseline():
+    """Uncentred, predicting the per-position mean (which a content-free predictor can
+    learn) scores ~0 on a position-only encoder's targets; centred, the same encoder's
+    targets are unit-scale noise and the best position-only prediction (0) scores ~ the
+    loss of knowing nothing."""
+    normed = layer_norm_targets(_position_only_tokens())
+    mean = normed.mean(0)
+    uncentred = latent_regression_loss(mean.expand_as(normed), normed)
+    centred = center_targets(normed, mean)
+    baseline = latent_regression_loss(torch.zeros_like(centred), centred)
+    assert float(uncentred) < 1e-5
+    assert float(baseline) > 0.3  # smooth-L1 of unit-variance targets against 0
+    assert float(position_r2(centred)) < 0.2
+
+
+def test_centring_keeps_content_that_differs_between_samples():
+    content = torch.randn(16, 64, 32, generator=torch.Generator().manual_seed(8))
+    normed = layer_norm_targets(_position_only_tokens() + 0.3 * content)
+    centred = center_targets(normed, normed.mean(0))
+    corr = torch.corrcoef(torch.stack([centred.flatten(), content.flatten()]))[0, 1]
+    assert corr > 0.8
+
+
+# ------------------------------------------------------------------------------ the JEPA task
+
+
+def _task(**kw) -> MultimodalJEPA:
+    args = dict(image_size=16, n_ehr_features=6, patch_size=8, embed_dim=24, depth=1,
+                num_heads=2, predictor_dim=12, predictor_depth=1, predictor_heads=2)  # fmt: skip
+    return MultimodalJEPA(**{**args, **kw})
+
+
+def _batch(b: int = 4) -> dict:
+    g = torch.Generator().manual_seed(9)
+    return {
+        "image": torch.rand(b, 1, 16, 16, 16, generator=g),
+        "ehr": torch.randn(b, 6, generator=g),
+        "ehr_missing": torch.zeros(b, 6, dtype=torch.bool),
+        "label": torch.tensor([0.0, 1.0, float("nan"), 1.0])[:b],
+    }
+
+
+def test_per_modality_image_targets_do_not_change_when_the_ehr_changes():
+    task = _task(target_mode="per_modality").eval()
+    batch = _batch()
+    other = {**batch, "ehr": batch["ehr"] + 5.0}
+    a, b = task.targets(batch), task.targets(other)
+    n_img = task.encoder.num_patches
+    assert torch.equal(a["targets"][:, :n_img], b["targets"][:, :n_img])
+    assert not torch.allclose(a["targets"][:, n_img:], b["targets"][:, n_img:])
+
+
+def test_joint_image_targets_carry_the_ehr():
+    task = _task(target_mode="joint").eval()
+    batch = _batch()
+    a, b = task.targets(batch), task.targets({**batch, "ehr": batch["ehr"] + 5.0})
+    n_img = task.encoder.num_patches
+    assert not torch.allclose(a["targets"][:, :n_img], b["targets"][:, :n_img])
+
+
+def test_running_target_mean_is_bias_corrected_and_only_moves_in_training():
+    task = _task(target_center_momentum=0.9)
+    batch = _batch()
+    task.train()
+    task.targets(batch)  # first batch: the running mean *is* that batch's mean
+    img, ehr = task.encode_targets(batch)
+    first = layer_norm_targets(torch.cat([img, ehr], 1)).mean(0)
+    assert torch.allclose(task.target_mean, first, atol=1e-6)
+    assert int(task.target_mean_batches) == 1
+    task.eval()
+    before = task.target_mean.clone()
+    task.targets(batch)
+    assert torch.equal(task.target_mean, before)
+
+
+def test_unknown_target_mode_is_refused():
+    with pytest.raises(ValueError, match="target_mode"):
+        _task(target_mode="both")
+
+
+# ------------------------------------------------------------------------------ schedules
+
+
+def test_ema_init_share_is_the_product_of_momenta():
+    total = 50
+    expected = math.prod(ema_momentum(s, total, 0.9, 1.0) for s in range(20))
+    assert ema_init_share(20, total, 0.9, 1.0) == pytest.approx(expected)
+    assert ema_init_share(0, total, 0.9) == 1.0
+    # the old quickstart schedule: 0.996 -> 1 over 400 steps keeps > 40 % at the end
+    assert ema_init_share(400, 400, 0.996) > 0.4
+
+
+def test_warmup_stable_decay_shape():
+    lr = [warmup_stable_decay(s, 10, 100, decay_fraction=0.2, min_ratio=0.1) for s in range(101)]
+    assert lr[0] == pytest.approx(0.1) and lr[9] == pytest.approx(1.0)
+    assert all(v == 1.0 for v in lr[10:80])
+    assert lr[90] == pytest.approx(0.55) and lr[100] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lr[80:], lr[81:], strict=False))
+
+
+def test_cosine_ramp_weight_decay():
+    assert cosine_ramp(0, 100, 0.04, 0.4) == pytest.approx(0.04)
+    assert cosine_ramp(50, 100, 0.04, 0.4) == pytest.approx(0.22)
+    assert cosine_ramp(100, 100, 0.04, 0.4) == pytest.approx(0.4)
+    assert cosine_ramp(500, 100, 0.04, 0.4) == pytest.approx(0.4)
+
+
+def test_residual_rescale_divides_block_outputs_by_depth():
+    torch.manual_seed(0)
+    plain = VisionTransformer3D(16, 8, embed_dim=24, depth=3, num_heads=2)
+    torch.manual_seed(0)
+    scaled = VisionTransformer3D(16, 8, embed_dim=24, depth=3, num_heads=2, residual_rescale=True)
+    for i, (a, b) in enumerate(zip(plain.blocks, scaled.blocks, strict=True)):
+        k = math.sqrt(2 * (i + 1))
+        assert torch.allclose(a.attn.proj.weight / k, b.attn.proj.weight)
+        assert torch.allclose(a.mlp[-1].weight / k, b.mlp[-1].weight)
+        assert torch.equal(a.attn.qkv.weight, b.attn.qkv.weight)
+
+
+# ------------------------------------------------------------------------------ references
+
+
+def test_offline_probe_separates_informative_features_and_is_nan_without_two_classes():
+    g = torch.Generator().manual_seed(10)
+    y = (torch.rand(200, generator=g) < 0.5).float().numpy()
+    z = torch.randn(200, 8, generator=g).numpy()
+    z[:, 0] += 2 * y
+    auc = offline_probe_auroc(z[:120], y[:120], z[120:], y[120:])
+    assert auc > 0.8
+    noise = offline_probe_auroc(z[:120, 1:], y[:120], z[120:, 1:], y[120:])
+    assert 0.3 < noise < 0.7
+    ones = y.copy()
+    ones[:] = 1.0
+    assert math.isnan(offline_probe_auroc(z[:120], ones[:120], z[120:], y[120:]))
