@@ -353,7 +353,15 @@ class CTEHRDataModule(L.LightningDataModule):
         if self.ehr_table is not None:
             wanted = self._table_features()
             ehr = read_ehr_table(self.ehr_table, self.ehr_join, wanted)
-            df = join_ehr(df, ehr, self.ehr_join, wanted, str(self.ehr_table))
+            df, match = join_ehr(
+                df, ehr, self.ehr_join, wanted, str(self.ehr_table), str(self.manifest)
+            )
+            log.info(
+                "EHR table %s: %d of %d scans have a record",
+                self.ehr_table,
+                match.matched,
+                match.total,
+            )
         df = validate_manifest(df, str(self.manifest), names, self.on_bad_sample, self.problems)
         if "split" not in df.columns:
             df["split"] = assign_patient_splits(

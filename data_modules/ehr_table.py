@@ -11,20 +11,76 @@ Two ways to join (``ehr_join``):
 A scan without a matching row, and an empty cell, stay NaN: the EHR tokenizer turns NaN into
 its learned per-feature *missing* embedding (``ehr_missing`` in the batch), so nothing is
 imputed with 0.
+
+**Join keys** (``scan_id``, ``patient_id``) are compared one way on both sides, whatever the
+file format stored: as text with surrounding spaces removed, a whole-number float written
+as an integer (a Parquet ``7.0`` is ``"7"``), nothing else changed — ``"0001"`` stays
+``"0001"`` and does not match ``"1"`` (:func:`normalise_key`). A join that matches no scan
+is an error naming both files with example keys from each side (and a hint when the keys
+differ only by leading zeros or letter case); one that matches fewer than
+``LOW_MATCH_WARNING`` of the scans is a warning with the same detail.
 """
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import pandas as pd
 
-from data_modules.manifest import ManifestError, read_table, table_columns
+from data_modules.manifest import ManifestError, normalise_key, read_table, table_columns
+
+log = logging.getLogger(__name__)
 
 EHRJoin = Literal["scan_id", "nearest_before"]
 KEYS = {"scan_id": ("scan_id",), "nearest_before": ("patient_id", "scan_time")}
+LOW_MATCH_WARNING = 0.5  # warn when fewer scans than this share find an EHR record
+
+
+@dataclass
+class JoinMatch:
+    """How many manifest scans found an EHR record, with examples of unmatched keys."""
+
+    matched: int
+    total: int
+    key: str
+    manifest_examples: list[str]
+    table_examples: list[str]
+    hint: str = ""
+
+    @property
+    def fraction(self) -> float:
+        return self.matched / self.total if self.total else 0.0
+
+    def describe(self, manifest: str, table: str) -> str:
+        return (
+            f"EHR table {table} matched {self.matched} of the {self.total} scans of manifest "
+            f"{manifest} ({self.fraction:.1%}) on {self.key!r}: manifest keys without a "
+            f"record look like {self.manifest_examples}, the EHR table's keys like "
+            f"{self.table_examples}. Keys are compared as text (spaces trimmed, 7.0 read as "
+            f"'7'; '0001' is not '1'){self.hint}"
+        )
+
+
+def _key_hint(unmatched: set[str], table_keys: set[str], key: str) -> str:
+    """Why keys that should match do not, when it is a common formatting slip: compares the
+    manifest's unmatched keys with the table's keys no scan used."""
+    lset, rset = unmatched, table_keys - unmatched
+
+    def overlap(f) -> int:
+        return len({f(v) for v in lset} & {f(v) for v in rset})
+
+    if overlap(lambda v: v.lstrip("0") or "0") > 0:
+        return (
+            "; the keys differ by leading zeros: write both files with the same zero-padding "
+            f"(e.g. df[{key!r}] = df[{key!r}].astype(str).str.zfill(4))"
+        )
+    if overlap(str.lower) > 0:
+        return "; the keys differ by letter case: write both in the same case"
+    return "; check that both files use the same identifier"
 
 
 def ehr_table_features(path: str | Path, join: EHRJoin, columns: list[str] | None) -> list[str]:
@@ -59,12 +115,12 @@ def read_ehr_table(path: str | Path, join: EHRJoin, columns: list[str]) -> pd.Da
     df = df[keys + columns].reset_index(drop=True).copy()
     for k in ("scan_id", "patient_id"):
         if k in keys:
-            blank = df[k].isna()
+            df[k] = normalise_key(df[k])
+            blank = df[k].isna() | (df[k] == "")
             if blank.any():
                 raise ManifestError(
                     f"EHR table {path}: row {int(np.flatnonzero(blank)[0])} has an empty {k!r}"
                 )
-            df[k] = df[k].astype(str)
     if "scan_time" in keys:
         t = pd.to_numeric(df["scan_time"], errors="coerce")
         bad = t.isna().to_numpy()
@@ -101,9 +157,20 @@ def read_ehr_table(path: str | Path, join: EHRJoin, columns: list[str]) -> pd.Da
 
 
 def join_ehr(
-    manifest: pd.DataFrame, table: pd.DataFrame, join: EHRJoin, columns: list[str], source: str
-) -> pd.DataFrame:
-    """``manifest`` with the table's ``columns`` added (NaN where no row matches)."""
+    manifest: pd.DataFrame,
+    table: pd.DataFrame,
+    join: EHRJoin,
+    columns: list[str],
+    source: str,
+    manifest_source: str = "the manifest",
+    on_no_match: Literal["raise", "report"] = "raise",
+) -> tuple[pd.DataFrame, JoinMatch]:
+    """``manifest`` with the table's ``columns`` added (NaN where no row matches), and how
+    many scans matched.
+
+    A join that matches no scan raises a :class:`ManifestError` naming both files and example
+    keys (``on_no_match='report'`` returns instead, for ``validate`` to list it with the
+    other problems); fewer than ``LOW_MATCH_WARNING`` matched scans log a warning."""
     clash = [c for c in columns if c in manifest.columns]
     if clash:
         raise ManifestError(
@@ -111,12 +178,45 @@ def join_ehr(
             "or choose ehr_columns"
         )
     manifest = manifest.copy()
-    for key in KEYS[join]:  # "007" in a CSV and 7 in a Parquet file must still match
-        if key != "scan_time" and key in manifest.columns:
-            col = manifest[key]
-            manifest[key] = col.where(col.isna(), col.astype(str))
+    key = "scan_id" if join == "scan_id" else "patient_id"
+    if key not in manifest.columns:
+        raise ManifestError(
+            f"manifest {manifest_source} lacks the {key!r} column ehr_join={join!r} joins on"
+        )
+    manifest[key] = normalise_key(manifest[key])  # "007" in a CSV, 7 in a Parquet file
+    right = table.assign(_ehr_row=True)
     if join == "scan_id":
-        return manifest.merge(table, on="scan_id", how="left", validate="many_to_one")
+        out = manifest.merge(right, on="scan_id", how="left", validate="many_to_one")
+    else:
+        out = _nearest_before(manifest, right, source)
+    found = out.pop("_ehr_row").notna().to_numpy()
+    unmatched = manifest.loc[~found, key].dropna().unique().tolist()
+    match = JoinMatch(
+        matched=int(found.sum()),
+        total=len(manifest),
+        key=key if join == "scan_id" else "patient_id + scan_time (latest record at or before)",
+        manifest_examples=[str(v) for v in unmatched[:3]],
+        table_examples=[str(v) for v in table[key].drop_duplicates().head(3)],
+    )
+    if match.matched < match.total:
+        used = set(manifest.loc[found, key])
+        match.hint = _key_hint(set(unmatched), set(table[key].dropna()) - used, key)
+        if join == "nearest_before":
+            later_only = set(unmatched) & set(table[key])
+            if later_only:
+                match.hint += (
+                    f"; {len(later_only)} patient(s) (e.g. {sorted(later_only)[:3]}) have only "
+                    "records after their scan's scan_time, which are never used"
+                )
+    if match.total and match.matched == 0 and on_no_match == "raise":
+        raise ManifestError(match.describe(manifest_source, source))
+    if match.total and 0 < match.fraction < LOW_MATCH_WARNING:
+        log.warning("%s", match.describe(manifest_source, source))
+    return out, match
+
+
+def _nearest_before(manifest: pd.DataFrame, right: pd.DataFrame, source: str) -> pd.DataFrame:
+    """Each scan's patient's latest record at or before its ``scan_time``."""
     if "scan_time" not in manifest.columns:
         raise ManifestError(
             f"ehr_join='nearest_before' needs a scan_time column in the manifest (days) to match "
@@ -130,7 +230,7 @@ def join_ehr(
             "ehr_join='nearest_before' needs one per scan"
         )
     left = manifest.assign(scan_time=times.astype("float64"), _order=np.arange(len(manifest)))
-    right = table.rename(columns={"scan_time": "_ehr_time"}).sort_values("_ehr_time")
+    right = right.rename(columns={"scan_time": "_ehr_time"}).sort_values("_ehr_time")
     out = pd.merge_asof(
         left.sort_values("scan_time"),
         right,

@@ -86,6 +86,23 @@ def ehr_columns(columns: list[str], selected: list[str] | None = None) -> list[s
     return list(selected)
 
 
+def _key_text(value: object) -> object:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return np.nan
+    if isinstance(value, float | np.floating) and float(value).is_integer():
+        return str(int(value))
+    if isinstance(value, bytes):
+        value = value.decode()
+    return str(value).strip()
+
+
+def normalise_key(column: pd.Series) -> pd.Series:
+    """A join key as text, the one way both sides of every join are compared: surrounding
+    spaces removed, whole-number floats as integers (``7.0`` -> ``"7"``), missing stays
+    NaN; plain Python strings (object dtype) so pandas never sees two string dtypes."""
+    return pd.Series([_key_text(v) for v in column.tolist()], index=column.index, dtype=object)
+
+
 def _row_name(df: pd.DataFrame, i: int) -> str:
     return f"row {i} (scan_id={df['scan_id'].iloc[i]!r})"
 
@@ -96,35 +113,57 @@ def validate_manifest(
     ehr_cols: list[str],
     on_bad_sample: str = "raise",
     problems: RowProblems | None = None,
+    table_problems: list[str] | None = None,
 ) -> pd.DataFrame:
     """Check the table against the data contract and return a clean copy.
 
-    Table-level faults (missing columns, duplicate ``scan_id``, a patient in two splits)
-    always raise: no row can be trusted until they are fixed. Row-level faults (a label
+    Table-level faults (missing columns, empty ids, duplicate ``scan_id``, a patient in two
+    splits) raise: no row can be trusted until they are fixed. Row-level faults (a label
     outside {0, 1}, a non-numeric EHR value, an unknown split name) raise under
     ``on_bad_sample='raise'``, or drop the row and record why under ``'skip'``.
+
+    ``table_problems`` (a list; ``validate`` passes one) collects the table-level faults
+    instead of raising, and the check goes on with what it can trust (rows with an empty id
+    are dropped, duplicates kept), so one run of ``validate`` reports every problem of an
+    archive, its images included. Only a missing ``image`` column still stops it.
     """
     if on_bad_sample not in ("raise", "skip"):
         raise ManifestError(f"on_bad_sample must be 'raise' or 'skip', got {on_bad_sample!r}")
     problems = problems if problems is not None else RowProblems()
+
+    def table_fault(message: str) -> None:
+        if table_problems is None:
+            raise ManifestError(message)
+        table_problems.append(message)
+
     absent = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if absent:
-        raise ManifestError(
-            f"manifest {source} lacks required column(s) {absent}; it has {list(df.columns)}"
-        )
+        message = f"manifest {source} lacks required column(s) {absent}; it has {list(df.columns)}"
+        if "image" in absent:
+            raise ManifestError(message)
+        table_fault(message)
     df = df.reset_index(drop=True).copy()
+    for col in absent:  # only reached when collecting: stand-ins keep the other checks going
+        df[col] = [f"<row {i}>" for i in range(len(df))]
+    blank_rows = np.zeros(len(df), dtype=bool)
     for col in ("patient_id", "scan_id", "image"):
-        blank = df[col].isna() | (df[col].astype(str).str.strip() == "")
+        # ids as join keys are compared (normalise_key); paths only lose no characters
+        text = normalise_key(df[col]) if col != "image" else df[col].map(_key_text)
+        blank = (text.isna() | (text == "")).to_numpy()
         if blank.any():
-            i = int(np.flatnonzero(blank.to_numpy())[0])
-            raise ManifestError(
-                f"manifest {source}: row {i} has an empty {col!r}; every row needs one"
+            rows = np.flatnonzero(blank)
+            table_fault(
+                f"manifest {source}: row {int(rows[0])} has an empty {col!r} "
+                f"({len(rows)} such row(s)); every row needs one"
             )
-        df[col] = df[col].astype(str)
+            blank_rows |= blank
+        df[col] = text if col != "image" else df[col].astype(str).astype(object)
+    if blank_rows.any():
+        df = df[~blank_rows].reset_index(drop=True)
     dup = df["scan_id"].duplicated(keep=False)
     if dup.any():
         rows = np.flatnonzero(dup.to_numpy())[:10].tolist()
-        raise ManifestError(
+        table_fault(
             f"manifest {source}: scan_id {df['scan_id'][rows[0]]!r} appears more than once "
             f"(rows {rows}); scan_id must be unique per scan"
         )
@@ -165,10 +204,12 @@ def validate_manifest(
 
     roi_present = [c for c in ROI_COLUMNS if c in df.columns]
     if roi_present and len(roi_present) < 3:
-        raise ManifestError(
+        table_fault(
             f"manifest {source} has {roi_present} but not all of {list(ROI_COLUMNS)}; "
             "give the ROI centre as three columns (world mm) or none"
         )
+        df = df.drop(columns=roi_present)
+        roi_present = []
     for col in [*roi_present, *(["scan_time"] if "scan_time" in df.columns else [])]:
         raw = df[col]
         values = pd.to_numeric(raw, errors="coerce")
@@ -201,12 +242,12 @@ def validate_manifest(
         if len(leaking):
             pid = leaking.index[0]
             splits = sorted(df.loc[df["patient_id"] == pid, "split"].unique())
-            raise ManifestError(
+            table_fault(
                 f"manifest {source}: patient {pid!r} is in splits {splits} "
                 f"({len(leaking)} such patient(s)); a patient's scans must share one split"
             )
     if df.empty:
-        raise ManifestError(f"manifest {source} has no usable row")
+        table_fault(f"manifest {source} has no usable row")
     return df
 
 

@@ -25,7 +25,13 @@ import nibabel as nib
 import numpy as np
 from tqdm.auto import tqdm
 
-from data_modules.ehr_table import KEYS, ehr_table_features, join_ehr, read_ehr_table
+from data_modules.ehr_table import (
+    KEYS,
+    LOW_MATCH_WARNING,
+    ehr_table_features,
+    join_ehr,
+    read_ehr_table,
+)
 from data_modules.manifest import (
     ManifestError,
     RowProblems,
@@ -51,6 +57,7 @@ class Report:
     n_rows: int = 0
     counts: dict[str, Any] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     images: dict[str, ImageInfo] = field(default_factory=dict)
 
     @property
@@ -66,6 +73,7 @@ class Report:
             **self.counts,
             "n_problems": len(self.problems),
             "problems": self.problems,
+            "warnings": self.warnings,
         }
         if good:
             sp = np.array([i.spacing for i in good], dtype=float)
@@ -106,6 +114,9 @@ class Report:
                     f"{sz['min']} | {sz['median']:.0f} | {sz['max']} |"
                 )
             lines.append(f"\norientation (axis codes): {s['orientation']}")
+        if self.warnings:
+            lines += ["", f"## {len(self.warnings)} warning(s)", ""]
+            lines += [f"- {w}" for w in self.warnings[:200]]
         if self.problems:
             lines += ["", f"## {len(self.problems)} problem(s)", ""]
             lines += [f"- {p}" for p in self.problems[:200]]
@@ -186,24 +197,26 @@ def check_archive(
     report = Report(str(manifest))
     try:
         df = read_table(manifest)
-        report.n_rows = len(df)
-        names = ehr_columns(list(df.columns), None if ehr_table else ehr_cols)
-        if ehr_table is not None:
-            extra = ehr_table_features(ehr_table, ehr_join, None)
-            if ehr_cols is not None:
-                names = [c for c in ehr_cols if c in df.columns]
-                extra = [c for c in ehr_cols if c not in df.columns]
-                ehr_table_features(ehr_table, ehr_join, extra)  # each must exist
-            table = read_ehr_table(ehr_table, ehr_join, extra)
-            df = join_ehr(df, table, ehr_join, extra, ehr_table)
-            names = names + extra
-            matched = df[extra].notna().any(axis=1).mean() if extra else 0.0
-            report.counts["ehr_rows_matched"] = f"{matched:.1%} of scans have an EHR record"
-        problems = RowProblems()
-        clean = validate_manifest(df, str(manifest), names, "skip", problems)
     except ManifestError as err:
         report.problems.append(str(err))
         return report
+    report.n_rows = len(df)
+    names: list[str] = []
+    try:
+        names = ehr_columns(list(df.columns), None if ehr_table else ehr_cols)
+        if ehr_table is not None:
+            df, names = _join_ehr_table(report, df, str(manifest), ehr_table, ehr_join, ehr_cols)
+    except ManifestError as err:  # the EHR table is unusable; the manifest is still checked
+        report.problems.append(str(err))
+    problems = RowProblems()
+    table_problems: list[str] = []
+    df["_row"] = np.arange(len(df))  # the user's row numbers, kept through dropped rows
+    try:
+        clean = validate_manifest(df, str(manifest), names, "skip", problems, table_problems)
+    except ManifestError as err:  # no image column: nothing further can be checked
+        report.problems.append(str(err))
+        return report
+    report.problems += table_problems
     report.problems += problems.reasons
     report.counts.update(
         patients=int(clean["patient_id"].nunique()),
@@ -239,10 +252,39 @@ def check_archive(
         report.images[path] = info
         if info.problem is not None:
             report.problems.append(
-                f"row {i} (scan_id={clean['scan_id'].iloc[i]!r}): {info.problem}"
+                f"row {int(clean['_row'].iloc[i])} (scan_id={clean['scan_id'].iloc[i]!r}): "
+                f"{info.problem}"
             )
     report.counts["images_checked"] = len(report.images)
     return report
+
+
+def _join_ehr_table(
+    report: Report,
+    df,
+    manifest: str,
+    ehr_table: str,
+    ehr_join: str,
+    ehr_cols: list[str] | None,
+):
+    """The manifest with the EHR table joined, and the feature names; a join that matches
+    no scan is a problem (``validate`` exits 1), a low match a warning."""
+    names = ehr_columns(list(df.columns), None)
+    extra = ehr_table_features(ehr_table, ehr_join, None)
+    if ehr_cols is not None:
+        names = [c for c in ehr_cols if c in df.columns]
+        extra = [c for c in ehr_cols if c not in df.columns]
+        ehr_table_features(ehr_table, ehr_join, extra)  # each must exist
+    table = read_ehr_table(ehr_table, ehr_join, extra)
+    joined, match = join_ehr(df, table, ehr_join, extra, ehr_table, manifest, on_no_match="report")
+    report.counts["ehr_rows_matched"] = (
+        f"{match.fraction:.1%} of scans have an EHR record ({match.matched} of {match.total})"
+    )
+    if match.total and match.matched == 0:
+        report.problems.append(match.describe(manifest, ehr_table))
+    elif match.fraction < LOW_MATCH_WARNING:
+        report.warnings.append(match.describe(manifest, ehr_table))
+    return joined, names + extra
 
 
 def main(argv: list[str] | None = None) -> int:

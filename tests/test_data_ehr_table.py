@@ -93,3 +93,69 @@ def test_integer_ids_in_parquet_match_text_ids_in_csv(tmp_path):
     pd.DataFrame({"scan_id": ["7", "8"], "crp": [1.5, 2.5]}).to_csv(tmp_path / "e.csv", index=False)
     raw = _raw_ehr(_dm(manifest, tmp_path / "e.csv", "scan_id"))
     assert raw["crp"].to_dict() == {"7": 1.5, "8": 2.5}
+
+
+# --- join keys as users bring them (issue 14, case 2) ----------------------------------------
+
+
+def _two_patient_archive(tmp_path, ids=("0001", "0002"), name="m.csv"):
+    rows = []
+    for i, pid in enumerate(ids):
+        write_nifti(tmp_path / f"{i}.nii.gz", blob_volume(), np.eye(4))
+        rows.append({"image": f"{i}.nii.gz", "patient_id": pid, "scan_time": 10 * (i + 1),
+                     "split": "train" if i == 0 else "val"})  # fmt: skip
+    return write_manifest(tmp_path, rows, name=name, n_ehr=1)
+
+
+def test_no_matching_key_is_an_error_naming_both_files_and_example_keys(tmp_path, capsys):
+    from data_modules.validate import main as validate
+
+    manifest = _two_patient_archive(tmp_path)  # patient_id 0001, 0002 (text in the CSV)
+    ehr = tmp_path / "labs.csv"
+    pd.DataFrame({"patient_id": [1, 2], "scan_time": [0, 0], "crp": [1.0, 2.0]}).to_csv(
+        ehr, index=False
+    )
+    with pytest.raises(ManifestError) as err:
+        _dm(manifest, ehr, "nearest_before").setup("fit")
+    message = str(err.value)
+    for expected in (str(ehr), str(manifest), "matched 0 of the 2 scans", "['0001', '0002']",
+                     "['1', '2']", "leading zeros"):  # fmt: skip
+        assert expected in message, (expected, message)
+    # validate reports the same and exits 1 (it said OK with 0.0 % matched before)
+    assert validate([str(manifest), "--ehr", str(ehr), "--ehr-join", "nearest_before",
+                     "--no-progress"]) == 1  # fmt: skip
+    out = capsys.readouterr().out
+    assert "matched 0 of the 2 scans" in out and "0.0% of scans have an EHR record" in out
+
+
+def test_integer_ids_in_parquet_on_both_sides_join_without_merge_error(tmp_path):
+    manifest = _two_patient_archive(tmp_path, ids=(1, 2), name="m.parquet")
+    ehr = tmp_path / "labs.parquet"
+    pd.DataFrame({"patient_id": [1, 2, 2], "scan_time": [0, 0, 15], "crp": [1.0, 2.0, 3.0]}
+                 ).to_parquet(ehr)  # fmt: skip
+    raw = _raw_ehr(_dm(manifest, ehr, "nearest_before"))
+    assert raw["crp"].tolist() == [1.0, 3.0]  # p2's scan at day 20 takes the day-15 record
+
+
+def test_whole_number_float_ids_match_text_ids(tmp_path):
+    manifest = _two_patient_archive(tmp_path, ids=("7", "8"))
+    ehr = tmp_path / "labs.parquet"
+    pd.DataFrame({"patient_id": [7.0, 8.0], "scan_time": [0, 0], "crp": [1.0, 2.0]}).to_parquet(ehr)
+    assert _raw_ehr(_dm(manifest, ehr, "nearest_before"))["crp"].tolist() == [1.0, 2.0]
+
+
+def test_low_match_is_a_loud_warning(tmp_path, caplog, capsys):
+    from data_modules.validate import main as validate
+
+    rows = []
+    for i in range(4):
+        write_nifti(tmp_path / f"{i}.nii.gz", blob_volume(), np.eye(4))
+        rows.append({"image": f"{i}.nii.gz", "split": "train" if i < 3 else "val"})
+    manifest = write_manifest(tmp_path, rows, n_ehr=1)  # scan ids s0..s3
+    ehr = tmp_path / "labs.csv"
+    pd.DataFrame({"scan_id": ["s0", "S1 "], "crp": [1.0, 2.0]}).to_csv(ehr, index=False)
+    with caplog.at_level("WARNING"):
+        _raw_ehr(_dm(manifest, ehr, "scan_id"))
+    assert "matched 1 of the 4 scans" in caplog.text and "letter case" in caplog.text
+    assert validate([str(manifest), "--ehr", str(ehr), "--no-progress"]) == 0  # a warning only
+    assert "## 1 warning(s)" in capsys.readouterr().out
