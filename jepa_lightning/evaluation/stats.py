@@ -46,6 +46,24 @@ def metric(name: str, prob: np.ndarray, label: np.ndarray) -> float:
     return float(METRICS[name](prob_t, torch.tensor(label.astype(np.int64))))
 
 
+def one_class_warning(where: str, label: np.ndarray | Sequence[float]) -> str | None:
+    """A warning for a set of labels holding one class only (or none), else None.
+
+    AUROC needs both classes and AUPRC a positive; torchmetrics returns ``0.0`` (with a
+    generic warning) for a one-class set, which reads like a real figure in a table. Callers
+    report NaN instead, with this message naming ``where`` and the class counts."""
+    label = np.asarray(label, dtype=float)
+    label = label[np.isfinite(label)]
+    n_pos, n_neg = int((label == 1).sum()), int((label == 0).sum())
+    if n_pos and n_neg:
+        return None
+    return (
+        f"{where} has {n_pos} positive and {n_neg} negative labelled scans: AUROC (and AUPRC"
+        f"{'' if n_pos else ', without a positive'}) is undefined and reported as NaN, with "
+        "NaN bootstrap CIs; add scans of the missing class or leave this cohort out"
+    )
+
+
 def patient_bootstrap(patient_ids: Sequence[str], n_resamples: int, seed: int) -> list[np.ndarray]:
     """``n_resamples`` scan-index arrays, each the scans of ``n_patients`` patients drawn with
     replacement (a patient drawn twice contributes their scans twice)."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import sys
@@ -39,6 +40,8 @@ from jepa_lightning.evaluation import stats
 from jepa_lightning.evaluation.plots import roc_figure, tsne_figure
 from jepa_lightning.evaluation.study_spec import Run, Study, load_study
 from jepa_lightning.evaluation.tables import markdown_table
+
+log = logging.getLogger(__name__)
 
 MARKER = "done.json"
 METRIC_NAMES = ("auroc", "auprc")
@@ -252,6 +255,11 @@ def summarise(study: Study, frames: dict[Run, pd.DataFrame]) -> pd.DataFrame:
             table = stats.align(cols)
             table = table[table["label"].notna()]
             label = table["label"].to_numpy().astype(int)
+            warning = stats.one_class_warning(
+                f"study cohort {cohort!r} (label fraction {fraction:g})", label
+            )
+            if warning:
+                log.warning("%s", warning)
             resamples = stats.patient_bootstrap(
                 table["patient_id"], study.n_resamples, study.bootstrap_seed
             )
@@ -272,6 +280,7 @@ def summarise(study: Study, frames: dict[Run, pd.DataFrame]) -> pd.DataFrame:
                     "label_pct": 100 * fraction,
                     "cohort": cohort,
                     "n_scans": len(table),
+                    "n_positive": int(label.sum()),
                     "n_patients": table["patient_id"].nunique(),
                     "n_subsets": len(idx),
                 }

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from torchmetrics import MeanMetric, MetricCollection, SumMetric
 from torchmetrics.classification import BinaryAUROC, BinaryAveragePrecision
@@ -180,6 +181,7 @@ class DiagnosisTask(BaseTask):
             grad_checkpointing,
         )  # fmt: skip
         self._initialised_from: str | None = None
+        self._warned: set[tuple] = set()
         if freeze_backbone:
             self.encoder.requires_grad_(False).eval()
         self.head = nn.Sequential(
@@ -188,8 +190,11 @@ class DiagnosisTask(BaseTask):
         metrics = binary_metrics()
         self.val_metrics = metrics.clone(prefix="val/")
         self.val_loss = MeanMetric()  # synced at compute, so a rank without labels takes part
+        self.val_positives = SumMetric()  # labelled positives / scans over all ranks
+        self.val_labelled = SumMetric()
         self.test_metrics = nn.ModuleDict()  # per cohort, filled at setup from the data module
         self.test_counts = nn.ModuleDict()
+        self.test_positives = nn.ModuleDict()
 
     @property
     def uses_image(self) -> bool:
@@ -251,6 +256,7 @@ class DiagnosisTask(BaseTask):
             for c in cohorts:
                 self.test_metrics[c] = binary_metrics()
                 self.test_counts[c] = SumMetric()
+                self.test_positives[c] = SumMetric()
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -298,15 +304,41 @@ class DiagnosisTask(BaseTask):
             loss = masked_bce_with_logits(logits, label)
             self.val_loss.update(loss, weight=int(mask.sum()))
             self.val_metrics.update(torch.sigmoid(logits[mask]), label[mask].float())
+            self.val_positives.update(label[mask].sum())
+            self.val_labelled.update(mask.sum())
 
     def on_validation_epoch_end(self) -> None:
         # Decided on the count over all ranks, so every rank enters the same (all-gathering)
         # compute(), also a rank whose share of the split held no labelled scan.
-        if self.count_over_ranks(self.val_metrics["auroc"].update_count):
+        n = self.count_over_ranks(self.val_metrics["auroc"].update_count)
+        if n:
             self.log("val/loss", self.val_loss.compute(), prog_bar=True, sync_dist=True)
-            self.log_dict(self.val_metrics.compute(), prog_bar=True, sync_dist=True)
+            values = self.val_metrics.compute()
+            n_pos = int(self.val_positives.compute())
+            if self._one_class("the validation split", n_pos, self.val_labelled.compute()):
+                values = {k: torch.full_like(v, float("nan")) for k, v in values.items()}
+            self.log_dict(values, prog_bar=True, sync_dist=True)
         self.val_metrics.reset()
         self.val_loss.reset()
+        self.val_positives.reset()
+        self.val_labelled.reset()
+
+    def _one_class(self, where: str, n_pos: int, n_scans: Any) -> bool:
+        """True, with a warning naming ``where`` and its class counts, when the labelled scans
+        are all of one class: AUROC is then undefined and logged as NaN (torchmetrics would
+        report 0.0, which reads like a real figure)."""
+        n = int(n_scans.item() if torch.is_tensor(n_scans) else n_scans)
+        if 0 < n_pos < n:
+            return False
+        key = (where, n_pos, n)
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(
+                f"{where} has {n_pos} positive and {n - n_pos} negative labelled scans: AUROC "
+                "and AUPRC are undefined there and logged as NaN (not 0.0); add scans of the "
+                "missing class or leave that cohort out"
+            )
+        return True
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         if not batch:
@@ -322,19 +354,25 @@ class DiagnosisTask(BaseTask):
             if sel.any():
                 self.test_metrics[cohort].update(prob[sel], label[sel].float())
                 self.test_counts[cohort].update(sel.sum())
+                self.test_positives[cohort].update(label[sel].sum())
 
     def on_test_epoch_end(self) -> None:
         for cohort, metrics in self.test_metrics.items():
             # scans of this cohort over all ranks (SumMetric syncs): a rank that saw none of
             # them still joins the all-gather of the others' predictions
-            if self.test_counts[cohort].compute() > 0:
-                for name, value in metrics.compute().items():
+            n = self.test_counts[cohort].compute()
+            if n > 0:
+                n_pos = int(self.test_positives[cohort].compute())
+                values = metrics.compute()
+                if self._one_class(f"test cohort {cohort!r}", n_pos, n):
+                    values = {k: torch.full_like(v, float("nan")) for k, v in values.items()}
+                for name, value in values.items():
                     self.log(f"test/{cohort}/{name}", value, sync_dist=True)
-                self.log(
-                    f"test/{cohort}/n_scans", self.test_counts[cohort].compute(), sync_dist=True
-                )
+                self.log(f"test/{cohort}/n_scans", n, sync_dist=True)
+                self.log(f"test/{cohort}/n_positive", float(n_pos), sync_dist=True)
             metrics.reset()
             self.test_counts[cohort].reset()
+            self.test_positives[cohort].reset()
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict[str, Any]:
         """Per-scan probability and the pooled backbone features the head sees (``embedding``,
