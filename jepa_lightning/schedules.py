@@ -77,3 +77,24 @@ def ema_init_share(steps: int, total_steps: int, start: float, end: float = 1.0)
             return 0.0
         log_share += math.log(m)
     return math.exp(log_share)
+
+
+def ema_start_for_share(
+    total_steps: int, share: float = 0.05, at: float = 0.1, end: float = 1.0, cap: float = 0.996
+) -> float:
+    """The largest start momentum (at most ``cap``) whose :func:`ema_momentum` schedule leaves
+    at most ``share`` of the random init in the target after ``at`` of ``total_steps``.
+
+    Why: a fixed 0.996 is I-JEPA's choice for ~100k steps; a 1k-step run needs ~0.96 for the
+    target to have forgotten its random init by the time it matters (bisection, 50 rounds)."""
+    steps = max(1, math.ceil(at * total_steps))
+    if ema_init_share(steps, total_steps, cap, end) <= share:
+        return cap
+    lo, hi = 0.0, cap
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        if ema_init_share(steps, total_steps, mid, end) <= share:
+            lo = mid
+        else:
+            hi = mid
+    return lo

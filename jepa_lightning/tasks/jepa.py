@@ -41,7 +41,12 @@ from jepa_lightning.losses import (
     variance_hinge,
 )
 from jepa_lightning.masking import JEPAMaskCollator
-from jepa_lightning.schedules import ema_init_share, ema_momentum, ema_update_
+from jepa_lightning.schedules import (
+    ema_init_share,
+    ema_momentum,
+    ema_start_for_share,
+    ema_update_,
+)
 from jepa_lightning.tasks.base import BaseTask
 from jepa_lightning.tasks.references import encoder_references
 
@@ -75,12 +80,16 @@ class MultimodalJEPA(BaseTask):
         target_mode: ``per_modality`` (image targets from the target encoder on the image
             alone, EHR targets on the EHR alone) or ``joint`` (one pass over both, the
             original form: image targets then carry EHR content).
-        target_centering: subtract a running per-position mean from the layer-normed targets
-            and layer-norm again (:func:`~jepa_lightning.losses.center_targets`).
+        target_centering: subtract the per-position mean from the layer-normed targets and
+            layer-norm again (:func:`~jepa_lightning.losses.center_targets`). In training the
+            mean is the batch's own (averaged over ranks), so no per-position component is
+            left for a content-free predictor; in evaluation it is a running mean of those.
         target_center_momentum: EMA momentum of that running mean (bias-corrected, so the
             first batches are not pulled towards 0).
         ema_momentum_start / ema_momentum_end: EMA momentum, linear over optimizer steps.
-            ``train/ema_init_share`` logs the share of the random init left in the target.
+            ``auto`` picks the largest start (<= 0.996) that leaves < 5 % of the random init
+            in the target after 10 % of the steps (0.996 suits 100k-step runs, not 1k);
+            ``train/ema_init_share`` logs the share actually left.
         ehr_loss_weight: weight of the EHR-target loss next to the image-target loss.
         sigreg_weight: weight of SIGReg (sketched isotropic-Gaussian regulariser, LeJEPA) on
             each modality's pooled context embedding; 0 = off.
@@ -123,7 +132,7 @@ class MultimodalJEPA(BaseTask):
         target_mode: Literal["per_modality", "joint"] = "per_modality",
         target_centering: bool = True,
         target_center_momentum: float = 0.99,
-        ema_momentum_start: float = 0.996,
+        ema_momentum_start: float | Literal["auto"] = "auto",
         ema_momentum_end: float = 1.0,
         ehr_loss_weight: float = 1.0,
         sigreg_weight: float = 0.0,
@@ -245,29 +254,34 @@ class MultimodalJEPA(BaseTask):
         return img, (self.target_encoder(None, ehr, missing) if ehr is not None else None)
 
     @torch.no_grad()
-    def update_target_mean(self, normed: torch.Tensor) -> None:
-        """Fold this batch's per-position mean (averaged over ranks) into the running mean."""
+    def update_target_mean(self, normed: torch.Tensor) -> torch.Tensor:
+        """Fold this batch's per-position mean (averaged over ranks) into the running mean;
+        returns the batch mean."""
         batch_mean = self._mean_over_ranks(normed.float().mean(0))
         k = int(self.target_mean_batches)
         rate = max(1.0 / (k + 1), 1.0 - self.hparams.target_center_momentum)
         self.target_mean[: batch_mean.shape[0]].lerp_(batch_mean, rate)
         self.target_mean_batches += 1
+        return batch_mean
 
     @torch.no_grad()
     def targets(self, batch: dict) -> dict[str, torch.Tensor]:
         """Targets at every image position and EHR feature, the position-only baseline
-        prediction (the per-position batch mean of the targets), pooled features for the
-        probes, and the position R² of the raw layer-normed targets."""
+        prediction (the per-position running mean of the targets, 0 once centred), pooled
+        features for the probes, and the position R² of the raw layer-normed targets."""
         img, ehr = self.encode_targets(batch)
         hidden = img if ehr is None else torch.cat([img, ehr], dim=1)
         normed = layer_norm_targets(hidden)
         out = {"target_position_r2": position_r2(normed)}
+        running = self.target_mean[: normed.shape[1]]
+        mean = self.update_target_mean(normed) if self.training else running
         if self.hparams.target_centering:
-            if self.training:
-                self.update_target_mean(normed)
-            normed = center_targets(normed, self.target_mean[: normed.shape[1]])
+            normed = center_targets(normed, mean)
+            # what a position-only predictor can do now: predict the removed mean, i.e. 0
+            out["baseline"] = torch.zeros_like(normed)
+        else:
+            out["baseline"] = running.unsqueeze(0).expand_as(normed)
         out["targets"] = normed
-        out["baseline"] = normed.mean(0, keepdim=True).expand_as(normed)
         out["pooled_image"] = img.mean(1)
         ehr_pooled = ehr.mean(1) if ehr is not None else torch.zeros_like(out["pooled_image"])
         out["pooled_joint"] = torch.cat([out["pooled_image"], ehr_pooled], dim=1)
@@ -359,24 +373,34 @@ class MultimodalJEPA(BaseTask):
         return out["loss"] + probe_loss
 
     # --- EMA -----------------------------------------------------------------------------------
+    def ema_start(self) -> float:
+        """The start momentum: the configured one, or the ``auto`` one for this run length."""
+        start, end = self.hparams.ema_momentum_start, self.hparams.ema_momentum_end
+        if start != "auto":
+            return float(start)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        if getattr(self, "_auto_ema", (None, None))[0] != total:
+            self._auto_ema = (total, ema_start_for_share(total, 0.05, 0.1, end))
+        return self._auto_ema[1]
+
     def current_momentum(self) -> float:
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        h = self.hparams
         return ema_momentum(
-            self.trainer.global_step, total, h.ema_momentum_start, h.ema_momentum_end
+            self.trainer.global_step, total, self.ema_start(), self.hparams.ema_momentum_end
         )
 
     def on_train_start(self) -> None:
         self._last_ema_step = self.trainer.global_step  # also right after a resume
         h = self.hparams
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        share = ema_init_share(max(1, total // 10), total, h.ema_momentum_start, h.ema_momentum_end)
+        start = self.ema_start()
+        share = ema_init_share(max(1, -(-total // 10)), total, start, h.ema_momentum_end)
         log.info(
             "EMA %.4g -> %.4g over %d steps: %.1f %% of the random init left in the target "
             "after 10 %% of the steps",
-            h.ema_momentum_start, h.ema_momentum_end, total, 100 * share,
+            start, h.ema_momentum_end, total, 100 * share,
         )  # fmt: skip
-        if share > 0.05:
+        if share > 0.05 + 1e-9:
             log.warning(
                 "the EMA target keeps %.0f %% of its random init after 10 %% of the run; lower "
                 "ema_momentum_start (the finetuning starts from the target encoder)",
