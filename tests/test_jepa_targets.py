@@ -24,6 +24,7 @@ from jepa_lightning.schedules import (
     cosine_ramp,
     ema_init_share,
     ema_momentum,
+    ema_start_for_share,
     warmup_stable_decay,
 )
 from jepa_lightning.tasks import MultimodalJEPA
@@ -279,3 +280,20 @@ def test_offline_probe_separates_informative_features_and_is_nan_without_two_cla
     ones = y.copy()
     ones[:] = 1.0
     assert math.isnan(offline_probe_auroc(z[:120], ones[:120], z[120:], y[120:]))
+
+
+def test_auto_ema_start_leaves_five_percent_after_a_tenth_of_the_run():
+    for total in (200, 800, 2000):
+        start = ema_start_for_share(total)
+        assert 0.5 < start < 0.996
+        assert ema_init_share(math.ceil(total / 10), total, start) == pytest.approx(0.05, abs=1e-6)
+    assert ema_start_for_share(100_000) == 0.996  # long runs keep I-JEPA's momentum
+
+
+def test_training_centres_by_the_batch_mean_so_a_position_only_prediction_is_zero():
+    task = _task().train()
+    t = task.targets(_batch())
+    assert torch.allclose(t["baseline"], torch.zeros_like(t["targets"]))
+    # the batch's own mean was removed: what is left averages to ~0 at every position
+    assert t["targets"].mean(0).abs().mean() < 0.3
+    assert float(position_r2(t["targets"])) < 0.3
