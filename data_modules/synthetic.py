@@ -611,6 +611,8 @@ def _records(
     and start in milliseconds; spawned ones would re-import torch and Lightning).
     """
     workers = max(1, min(workers, math.ceil(len(jobs) / 32)))
+    if multiprocessing.current_process().daemon:
+        workers = 1  # a daemonic process (e.g. a loader worker) may not start children
     bar = dict(total=len(jobs), desc="synthetic cohort", disable=not progress)
     if workers == 1:
         yield from tqdm((patient_record(j, spec, world, out_dir) for j in jobs), **bar)
