@@ -8,11 +8,13 @@ A LightningCLI in subclass mode: ``model`` is any task (``MultimodalJEPA``,
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 # Imported so their classes resolve by short name in configs.
@@ -25,6 +27,10 @@ from jepa_lightning.checkpoints import AtomicCheckpointIO, check_checkpoint, res
 from jepa_lightning.loggers import SaveConfigToLoggers
 from jepa_lightning.slurm_requeue import SlurmRequeue
 from jepa_lightning.tasks.base import BaseTask
+
+# torch's own default for the process group, stated here so it is a documented knob: a rank
+# that waits longer than this in one collective raises and Lightning stops every rank.
+DEFAULT_DDP_TIMEOUT_S = 1800.0
 
 
 class JEPALightningCLI(LightningCLI):
@@ -55,6 +61,13 @@ class JEPALightningCLI(LightningCLI):
         # deadlock DDP ranks); ``--requeue.enabled false`` keeps Lightning's.
         parser.add_lightning_class_args(SlurmRequeue, "requeue")
         parser.set_defaults({"checkpoint.save_last": True})
+        parser.add_argument(
+            "--ddp_timeout_s",
+            type=float,
+            default=DEFAULT_DDP_TIMEOUT_S,
+            help="DDP: seconds a rank waits in one collective (all-reduce, all-gather, barrier) "
+            "for the others before the run fails with a timeout error instead of hanging",
+        )
         # ``predict`` writes a Parquet file (--predictions.output, --predictions.overwrite).
         parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.link_arguments(
@@ -102,6 +115,13 @@ class JEPALightningCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        timeout = config.get("ddp_timeout_s")
+        if isinstance(trainer.strategy, DDPStrategy) and timeout:
+            # Before the process group exists (it is created in trainer.fit/test/...): every
+            # collective then fails after `timeout` instead of hanging a job whose ranks
+            # disagree, which SIGTERM cannot interrupt while a rank is inside the collective.
+            trainer.strategy._timeout = timedelta(seconds=float(timeout))
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # same-folder write + rename
         return trainer
