@@ -55,6 +55,14 @@ from monai.transforms import (
 )
 from monai.transforms.utils import generate_spatial_bounding_box
 
+from data_modules.dicom import (
+    NotOneVolume,
+    VolumeHeaders,
+    check_volume,
+    read_enhanced_ct,
+    volume_headers,
+)
+
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 PREPROCESS_VERSION = 2  # bump when the chain changes in a way the config does not show
 
@@ -167,35 +175,28 @@ def file_stamp(path: str | Path) -> str:
         return "missing"
 
 
-def dicom_series_files(folder: Path) -> list[Path]:
-    """The DICOM files of ``folder``, after checking it holds exactly one series."""
+def dicom_volume(path: Path) -> VolumeHeaders:
+    """The checked headers of the DICOM volume at ``path`` (a series folder or an Enhanced CT
+    file): every reason it is not one CT volume raises a :class:`BadSampleError` naming
+    ``path`` (see :mod:`data_modules.dicom`)."""
+    try:
+        headers = volume_headers(path)
+        check_volume(headers)
+    except NotOneVolume as err:
+        raise BadSampleError(f"image {path} {err}") from err
+    return headers
+
+
+def is_dicom_path(path: Path) -> bool:
+    """A folder (DICOM series) or a file that is not NIfTI and has DICOM's preamble."""
+    if path.is_dir():
+        return True
+    name = path.name.lower()
+    if name.endswith((".nii", ".nii.gz", ".img", ".hdr")):
+        return False
     import pydicom
 
-    files = [f for f in sorted(folder.iterdir()) if f.is_file() and pydicom.misc.is_dicom(f)]
-    if not files:
-        raise BadSampleError(
-            f"image {folder} is a folder without DICOM files (an empty or non-DICOM series): "
-            "point the manifest's 'image' at a NIfTI file or a folder holding one DICOM series"
-        )
-    series: dict[str, list[str]] = {}
-    for f in files:
-        try:
-            ds = pydicom.dcmread(f, stop_before_pixels=True)
-        except Exception as err:
-            raise BadSampleError(f"DICOM file {f} could not be read ({err})") from err
-        series.setdefault(str(getattr(ds, "SeriesInstanceUID", "?")), []).append(f.name)
-        if not hasattr(ds, "ImagePositionPatient") or not hasattr(ds, "InstanceNumber"):
-            raise BadSampleError(
-                f"DICOM file {f} lacks ImagePositionPatient/InstanceNumber: the slices of "
-                f"{folder} cannot be ordered into a volume"
-            )
-    if len(series) > 1:
-        detail = ", ".join(f"{uid} ({len(v)} files, e.g. {v[0]})" for uid, v in series.items())
-        raise BadSampleError(
-            f"image folder {folder} mixes {len(series)} DICOM series: {detail}; put each series "
-            "in its own folder and give each its own manifest row"
-        )
-    return files
+    return bool(pydicom.misc.is_dicom(path))
 
 
 def _load_image(reader: str | ImageReader) -> LoadImage:
@@ -217,9 +218,13 @@ class LoadCTd(MapTransform):
     """MONAI ``LoadImage`` for ``image`` (NIfTI file or DICOM-series folder), channel first,
     with the checks of the data contract: file present and readable, 3-D, finite voxels.
 
-    A DICOM folder must hold one series; MONAI's ``PydicomReader`` applies rescale
-    slope/intercept, orders slices by InstanceNumber and builds the affine from the first and
-    last ImagePositionPatient, so we check here that InstanceNumber order is the spatial order.
+    A DICOM folder must hold one CT series (checked from the headers first, see
+    :mod:`data_modules.dicom`: modality, localizers, orientation, slice count, spacing,
+    gantry tilt, decoders); MONAI's ``PydicomReader`` applies rescale slope/intercept, orders
+    slices by InstanceNumber and builds the affine from the first and last
+    ImagePositionPatient, so the checks include that InstanceNumber order is the spatial
+    order. An Enhanced CT file (multi-frame), or a folder holding only one, is read by
+    :func:`~data_modules.dicom.read_enhanced_ct` into the same layout.
     """
 
     def __init__(self, keys: str = "image", axcodes: str | None = "RAS"):
@@ -254,13 +259,26 @@ class LoadCTd(MapTransform):
             torch.from_numpy(data), affine=torch.as_tensor(img.affine, dtype=torch.float64)
         )
 
+    def read_enhanced(self, path: Path, headers: VolumeHeaders) -> MetaTensor:
+        vol, affine = read_enhanced_ct(path, headers)
+        return MetaTensor(
+            torch.from_numpy(vol), affine=torch.as_tensor(affine, dtype=torch.float64)
+        )
+
     def load(self, path: Path) -> torch.Tensor:
         if not path.exists():
             raise BadSampleError(f"image {path} does not exist: fix the manifest's 'image' entry")
-        if path.is_dir():
-            files = dicom_series_files(path)
-            self._check_dicom_order(path, files)
-            loader, kind, orient = self.dicom, "a DICOM series", self.orient
+        if is_dicom_path(path):
+            headers = dicom_volume(path)  # every geometry/modality/decoder check, headers only
+            if headers.multiframe:
+                kind, orient = "an Enhanced CT file", self.orient
+                target = headers.files[0]
+
+                def loader(_: str) -> MetaTensor:
+                    return self.read_enhanced(target, headers)
+
+            else:
+                loader, kind, orient = self.dicom, "a DICOM series", self.orient
         else:
             loader, kind, orient = self.read_nifti, "NIfTI", self.nifti_orient
         try:
@@ -287,31 +305,6 @@ class LoadCTd(MapTransform):
             )
         img = img.float() if img.dtype != torch.float32 else img
         return orient(img) if orient is not None else img
-
-    @staticmethod
-    def _check_dicom_order(folder: Path, files: list[Path]) -> None:
-        import pydicom
-
-        heads = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
-        if len(heads) < 2:
-            raise BadSampleError(
-                f"image folder {folder} holds a single DICOM slice; a 3-D series is required"
-            )
-        ori = np.asarray(heads[0].ImageOrientationPatient, dtype=float)
-        normal = np.cross(ori[:3], ori[3:])
-        by_number = sorted(heads, key=lambda h: int(h.InstanceNumber))
-        pos = np.array(
-            [np.dot(normal, np.asarray(h.ImagePositionPatient, float)) for h in by_number]
-        )
-        steps = np.diff(pos)
-        if not (np.all(steps > 0) or np.all(steps < 0)) or not np.allclose(
-            steps, steps[0], rtol=1e-3, atol=1e-3
-        ):
-            raise BadSampleError(
-                f"image folder {folder}: slices ordered by InstanceNumber are not equally spaced "
-                "along the slice normal (missing slices, duplicates or renumbered files); "
-                "re-export the series"
-            )
 
 
 # --- ROI crop ---------------------------------------------------------------------------------

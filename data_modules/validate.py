@@ -25,6 +25,7 @@ import nibabel as nib
 import numpy as np
 from tqdm.auto import tqdm
 
+from data_modules.dicom import geometry as dicom_geometry
 from data_modules.ehr_table import (
     KEYS,
     LOW_MATCH_WARNING,
@@ -40,7 +41,7 @@ from data_modules.manifest import (
     resolve_image_paths,
     validate_manifest,
 )
-from data_modules.transforms import BadSampleError, LoadCTd, dicom_series_files
+from data_modules.transforms import BadSampleError, LoadCTd, dicom_volume, is_dicom_path
 
 
 @dataclass
@@ -158,31 +159,15 @@ def nifti_header_info(path: Path) -> ImageInfo:
 
 
 def dicom_header_info(path: Path) -> ImageInfo:
-    import pydicom
-
+    """Shape, spacing, orientation of a DICOM series folder or Enhanced CT file, after every
+    header-only check of :mod:`data_modules.dicom` (modality, localizer, orientation, slice
+    count and spacing, gantry tilt, a missing decoder for its compression)."""
     try:
-        files = dicom_series_files(path)
-        LoadCTd._check_dicom_order(path, files)
+        headers = dicom_volume(path)
     except BadSampleError as err:
         return ImageInfo(problem=str(err))
-    first = pydicom.dcmread(files[0], stop_before_pixels=True)
-    ori = np.asarray(first.ImageOrientationPatient, float)
-    normal = np.cross(ori[:3], ori[3:])
-    pos = sorted(
-        float(np.dot(normal, pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient))
-        for f in files
-    )
-    step = float(np.median(np.diff(pos)))
-    row, col = (float(v) for v in first.PixelSpacing)
-    lps = np.eye(4)
-    # i runs along a row (direction ori[:3], column spacing), j down a column (ori[3:]).
-    lps[:3, 0], lps[:3, 1], lps[:3, 2] = ori[:3] * col, ori[3:] * row, normal * step
-    ras = np.diag([-1, -1, 1, 1]) @ lps
-    return ImageInfo(
-        shape=(int(first.Columns), int(first.Rows), len(files)),
-        spacing=(col, row, step),
-        orientation="".join(nib.aff2axcodes(ras)),
-    )
+    shape, spacing, affine = dicom_geometry(headers)
+    return ImageInfo(shape=shape, spacing=spacing, orientation="".join(nib.aff2axcodes(affine)))
 
 
 def check_archive(
@@ -240,7 +225,7 @@ def check_archive(
             info = report.images[path]
         elif not p.exists():
             info = ImageInfo(problem=f"image {p} does not exist: fix the manifest's 'image' entry")
-        elif p.is_dir():
+        elif is_dicom_path(p):
             info = dicom_header_info(p)
         else:
             info = nifti_header_info(p)
