@@ -1,3 +1,3 @@
-from jepa_lightning.main import main
+from jepa_lightning.main import cli_main
 
-main()
+cli_main()

@@ -65,7 +65,25 @@ class WandbLogger(_LightningWandbLogger):
 
 class SaveConfigToLoggers(SaveConfigCallback):
     """Saves the resolved config beside the logs (as LightningCLI does) and also into each
-    W&B run's config, so runs of a sweep can be compared by any key."""
+    W&B run's config, so runs of a sweep can be compared by any key.
+
+    A run folder that already holds a ``config.yaml`` (a re-run into the same
+    ``default_root_dir`` with another logger, or with ``logger: false``, whose log dir is
+    the run folder itself) gets ``config_1.yaml``, ``config_2.yaml``, ...: the earlier
+    run's config is kept, and the run does not abort as LightningCLI's callback would."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if not self.already_saved and self.save_to_log_dir and not self.overwrite:
+            name = self.config_filename
+            log_dir = Path(trainer.log_dir)  # every rank: it broadcasts
+            if trainer.is_global_zero:
+                stem, suffix = Path(name).stem.split("_")[0], Path(name).suffix
+                n = 0
+                while (log_dir / name).exists():
+                    n += 1
+                    name = f"{stem}_{n}{suffix}"
+            self.config_filename = trainer.strategy.broadcast(name)
+        super().setup(trainer, pl_module, stage)
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
         if not trainer.is_global_zero:

@@ -8,9 +8,11 @@ A LightningCLI in subclass mode: ``model`` is any task (``MultimodalJEPA``,
 
 from __future__ import annotations
 
+import sys
 from datetime import timedelta
 from pathlib import Path
 
+from jsonargparse import ArgumentError
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -23,10 +25,16 @@ import data_modules.synthetic  # noqa: F401
 import jepa_lightning.tasks  # noqa: F401
 from jepa_lightning import __version__
 from jepa_lightning.callbacks import PredictionWriter, RNGStateCheckpoint, SelectingCheckpoint
-from jepa_lightning.checkpoints import AtomicCheckpointIO, check_checkpoint, resolve_last
+from jepa_lightning.checkpoints import (
+    AtomicCheckpointIO,
+    CorruptCheckpointError,
+    check_checkpoint,
+    resolve_last,
+)
 from jepa_lightning.loggers import SaveConfigToLoggers
 from jepa_lightning.slurm_requeue import SlurmRequeue
 from jepa_lightning.tasks.base import BaseTask
+from jepa_lightning.user_errors import config_error_message, run_reporting_user_errors
 
 # torch's own default for the process group, stated here so it is a documented knob: a rank
 # that waits longer than this in one collective raises and Lightning stops every rank.
@@ -44,13 +52,32 @@ class JEPALightningCLI(LightningCLI):
         return parser
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
-        super().parse_arguments(parser, args)
-        # Before LightningCLI reads the checkpoint's hyperparameters: a truncated file must be
-        # named in the error, not reported as an internal zip-reader failure.
+        argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:  # one short message naming the YAML file, no usage dump
+            print(config_error_message(str(err), argv), file=sys.stderr)
+            raise SystemExit(2) from None
+        # Before LightningCLI reads the checkpoint's hyperparameters: a missing or truncated
+        # file must be named in one line, not inside an internal zip-reader traceback.
         sub = self.config.get("subcommand")
         ckpt = self.config[sub].get("ckpt_path") if sub else None
         if ckpt and ckpt not in ("last", "best", "hpc") and "://" not in str(ckpt):
-            check_checkpoint(ckpt)
+            try:
+                check_checkpoint(ckpt)
+            except FileNotFoundError:
+                raise SystemExit(
+                    f"error: --ckpt_path {ckpt} does not exist: give the path of a .ckpt file "
+                    "(e.g. <default_root_dir>/checkpoints/last.ckpt) or --ckpt_path last"
+                ) from None
+            except CorruptCheckpointError as err:
+                raise SystemExit(f"error: {err}") from None
+        limit = self.config[sub].get("trainer", {}).get("limit_val_batches") if sub else None
+        if limit == 1 and isinstance(limit, int):
+            rank_zero_info(
+                "--trainer.limit_val_batches 1 means ONE validation batch (an int counts "
+                "batches); write 1.0 for the whole validation split"
+            )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # ``--checkpoint.*`` is Lightning's ModelCheckpoint; its monitor switches itself off
@@ -138,10 +165,18 @@ def main(argv: list[str] | None = None) -> JEPALightningCLI:
         seed_everything_default=0,
         auto_configure_optimizers=False,
         args=argv,
+        parser_kwargs={"exit_on_error": False},
         save_config_kwargs={"overwrite": False},
         save_config_callback=SaveConfigToLoggers,
     )
 
 
+def cli_main() -> None:
+    """The console entry point (``python -m jepa_lightning``, ``jepa-lightning``): user
+    errors (bad manifest, checkpoint mismatch, missing file) print one ``error:`` line and
+    exit 1 instead of a traceback; ``main`` raises them for tests and notebooks."""
+    run_reporting_user_errors(main)
+
+
 if __name__ == "__main__":
-    main()
+    cli_main()
