@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from typing import Any, Literal
 
 import lightning as L
@@ -509,7 +510,15 @@ class CTEHRDataModule(L.LightningDataModule):
         return ((values - mean) / std).astype(np.float32)
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"ehr_stats": self.ehr_stats}
+        state: dict[str, Any] = {
+            "ehr_stats": self.ehr_stats,
+            # what load_encoder / the embed command need to read a new archive the same way
+            "preprocessing": {
+                "image_size": list(self.image_size),
+                "hu_window": list(self.hu_window),
+                "preprocess": asdict(self.preprocess),
+            },
+        }
         if hasattr(self.collate_hook, "state_dict"):  # e.g. the JEPA mask stream
             state["collate_hook"] = self.collate_hook.state_dict()
         return state
