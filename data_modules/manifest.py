@@ -1,10 +1,13 @@
 """The manifest: one row per scan. Reading, validation and patient-level splitting.
 
 Columns (see README "Bring your own archive"):
-``patient_id``, ``scan_id`` (unique), ``image`` (NIfTI path, relative to the manifest's
-folder or absolute), optional ``label`` (0/1, empty = unlabelled), ``cohort``, ``split``
+``patient_id``, ``scan_id`` (unique), ``image`` (a NIfTI file, a folder holding one DICOM
+series, or an Enhanced CT multi-frame file; relative to the manifest's folder or absolute;
+DICOM is checked by :mod:`data_modules.dicom`), optional ``label`` (0/1, empty = unlabelled;
+the column may be absent: an unlabelled archive), ``cohort``, ``split``
 (train/val/test; assigned per patient when absent), ``scan_time``, ``roi_x/roi_y/roi_z``
-(mm) and EHR features as ``ehr_*`` columns.
+(mm) and EHR features as ``ehr_*`` columns. Identifiers are join keys, normalised by
+:func:`normalise_key` (text, spaces trimmed, ``7.0`` read as ``"7"``).
 """
 
 from __future__ import annotations
