@@ -259,7 +259,7 @@ def check_volume(headers: VolumeHeaders) -> None:
     what = "frames" if headers.multiframe else "slices"
     orientations = {tuple(np.round(s.orientation / ORIENTATION_TOL).astype(int)) for s in slices}
     if len(orientations) > 1:
-        examples = [list(s.orientation) for s in slices[:2]]
+        examples = [[round(float(v), 4) for v in s.orientation] for s in slices[:2]]
         reasons.append(
             f"its {len(slices)} {what} have {len(orientations)} different "
             f"ImageOrientationPatient values (e.g. {examples}): not one volume (a scout or a "
