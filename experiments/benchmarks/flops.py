@@ -9,7 +9,9 @@ Conventions (those of MFU in the literature, e.g. PaLM):
 * backward = 2x forward for every product whose input and weight both need a gradient;
   the patch embedding (its input, the volume, needs none) and the online probe (its input
   is detached) cost 1x forward in backward (weight gradient only);
-* the EMA target encoder runs forward only, on every image token (and every EHR token);
+* the EMA target encoder runs forward only, on every image token (and every EHR token):
+  in one pass (``target_mode: joint``) or one pass per modality (``per_modality``);
+* the two online probes (image-only, and image + EHR pooled features) are linear heads;
 * activation checkpointing's recomputation and flash attention's backward recomputation
   of the scores are *not* model FLOPs: they lower MFU, as they should.
 """
@@ -73,7 +75,14 @@ def jepa_step_flops(task: MultimodalJEPA, batch: dict) -> StepFlops:
     patch_voxels = vit.patch_embed.proj.weight[0].numel()
 
     patch = linear_flops(b * n_img, patch_voxels, dim)
-    target = patch + blocks_forward_flops(b, n_img + n_ehr, vit.blocks)
+    if task.hparams.target_mode == "joint" or not n_ehr:
+        target = patch + blocks_forward_flops(b, n_img + n_ehr, vit.blocks)
+    else:
+        target = (
+            patch
+            + blocks_forward_flops(b, n_img, vit.blocks)
+            + blocks_forward_flops(b, n_ehr, vit.blocks)
+        )
     context_patch = patch if k_img else 0
     context = context_patch + blocks_forward_flops(b, k_img + k_ehr, vit.blocks)
     k, t = k_img + k_ehr, t_img + t_ehr
@@ -82,7 +91,9 @@ def jepa_step_flops(task: MultimodalJEPA, batch: dict) -> StepFlops:
         + blocks_forward_flops(b, k + t, pred.blocks)
         + linear_flops(b * t, pdim, dim)
     )
-    probe = linear_flops(b, dim, task.probe.out_features)
+    probe = linear_flops(b, dim, task.probe.out_features) + linear_flops(
+        b, task.probe_joint.in_features, task.probe_joint.out_features
+    )
     trained_fwd = (context - context_patch) + predictor
     model = target + 3 * trained_fwd + 2 * context_patch + 2 * probe
     return StepFlops(patch, target, context, predictor, probe, model)

@@ -20,8 +20,7 @@ import yaml
 from torch.utils.data import DataLoader
 
 from experiments.benchmarks.common import Clock, intervals
-from jepa_lightning.losses import masked_bce_with_logits
-from jepa_lightning.schedules import ema_momentum, ema_update_, warmup_cosine
+from jepa_lightning.schedules import ema_momentum, ema_start_for_share, ema_update_, warmup_cosine
 from jepa_lightning.tasks import MultimodalJEPA
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -109,16 +108,19 @@ class PlainJEPALoop:
     def step(self, batch: dict) -> torch.Tensor:
         task = self.task
         out = task.jepa_losses(batch)
-        probe = masked_bce_with_logits(task.probe(out["pooled"]).squeeze(-1), batch["label"])
-        loss = out["loss"] + probe
+        loss = out["loss"] + task.probe_losses(out, batch["label"])
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         self.schedule.step()
         self.global_step += 1
         h = task.hparams
-        m = ema_momentum(self.global_step, self.total, h.ema_momentum_start, h.ema_momentum_end)
+        start = h.ema_momentum_start
+        if start == "auto":
+            start = ema_start_for_share(self.total, 0.05, 0.1, h.ema_momentum_end)
+        m = ema_momentum(self.global_step, self.total, start, h.ema_momentum_end)
         ema_update_(self._target, self._online, m)
+        task.ema_init_share *= m
         return loss.detach()
 
 
