@@ -80,10 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     if out.suffix != ".parquet" or out.exists():
         print(f"error: --out {out} must be a new .parquet file", file=sys.stderr)
         return 2
-    torch.set_grad_enabled(False)
-    model = load_encoder(args.ckpt, args.encoder)
-    dm = datamodule_for(model, args.manifest, args.split, args.batch_size, args.num_workers)
-    table = embed_manifest(model, dm, args.modalities)
+    with torch.no_grad():  # not set_grad_enabled(False): main() runs in-process in tests
+        model = load_encoder(args.ckpt, args.encoder)
+        dm = datamodule_for(model, args.manifest, args.split, args.batch_size, args.num_workers)
+        table = embed_manifest(model, dm, args.modalities)
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_parquet(out, index=False)
     print(f"wrote {len(table)} embeddings ({model.source}, {args.modalities}) to {out}")
