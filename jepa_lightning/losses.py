@@ -222,7 +222,8 @@ def sigreg(
     n_points: int = 17,
     t_max: float = 3.0,
     reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> torch.Tensor:
+    return_n: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """SIGReg (LeJEPA, Balestriero & LeCun 2025): how far ``z [N, D]`` is from an isotropic
     standard Gaussian, sketched along the unit ``directions [D, M]``.
 
@@ -236,7 +237,9 @@ def sigreg(
     ``reduce_sum`` sums a tensor over DDP ranks (differentiably, e.g.
     ``torch.distributed.nn.functional.all_reduce``): the statistic is built from sums of
     ``cos``/``sin`` over samples, so summing those and the sample count over ranks gives
-    exactly the value one process would compute on the whole global batch.
+    exactly the value one process would compute on the whole global batch. A rank may
+    pass zero samples (it still joins the reduction). ``return_n`` also returns the
+    (global) sample count; with none anywhere the statistic is 0.
     """
     z = z.float()
     t = torch.linspace(0.0, t_max, n_points, device=z.device)
@@ -248,9 +251,11 @@ def sigreg(
         sums = reduce_sum(sums)
         n = reduce_sum(n)
     if n < 1:
-        return z.sum() * 0.0
+        zero = z.sum() * 0.0 + sums.sum() * 0.0
+        return (zero, n) if return_n else zero
     ecf_cos, ecf_sin = sums[0] / n, sums[1] / n
     gauss = torch.exp(-0.5 * t**2)
     err = ((ecf_cos - gauss) ** 2 + ecf_sin**2) * gauss  # [M, T]
     integral = 2.0 * torch.trapezoid(err, t, dim=-1)  # [M]
-    return (n * integral).mean()
+    value = (n * integral).mean()
+    return (value, n) if return_n else value

@@ -290,19 +290,33 @@ class MultimodalJEPA(BaseTask):
     # --- the JEPA computation --------------------------------------------------------------
     def sigreg_term(self, context: torch.Tensor, n_ctx_img: int) -> torch.Tensor:
         """SIGReg on each modality's pooled context embedding, averaged over the modalities
-        present in this batch; same directions on every rank (keyed on the step)."""
+        present in the (global) batch; same directions on every rank (keyed on the step).
+
+        Under DDP every rank runs the same all-reduces whatever its batch drew: masks (and so
+        modality drop) differ between ranks, so a rank whose context has no image tokens
+        contributes zero samples to the image statistic instead of skipping it (skipping
+        would leave the other rank waiting in the collective). Validation does not reduce:
+        ranks may hold one batch more or fewer there."""
         step = self.trainer.global_step if self._trainer is not None else 0
         seed = 0 if not self.training else 1 + step
-        dirs = sigreg_directions(
-            self.hparams.embed_dim, self.hparams.sigreg_directions, seed, context.device
-        )
-        reduce = self._sum_over_ranks_differentiable if self._world() > 1 else None
-        terms = []
-        for part in (context[:, :n_ctx_img], context[:, n_ctx_img:]):
-            if part.shape[1]:
-                z = part.mean(1)
-                terms.append(sigreg(z, dirs, self.hparams.sigreg_points, reduce_sum=reduce))
-        return torch.stack(terms).mean()
+        dim = self.hparams.embed_dim
+        dirs = sigreg_directions(dim, self.hparams.sigreg_directions, seed, context.device)
+        synced = self._world() > 1 and self.training
+        reduce = self._sum_over_ranks_differentiable if synced else None
+        parts = [context[:, :n_ctx_img]]
+        if self.hparams.use_ehr:
+            parts.append(context[:, n_ctx_img:])
+        terms, present = [], []
+        for part in parts:
+            if not part.shape[1] and not synced:
+                continue
+            z = part.mean(1) if part.shape[1] else context.new_zeros(0, dim) + context.sum() * 0
+            value, n = sigreg(z, dirs, self.hparams.sigreg_points, reduce_sum=reduce, return_n=True)
+            terms.append(value)
+            present.append(float(n >= 1))
+        if not terms or not sum(present):
+            return context.sum() * 0.0
+        return torch.stack(terms).sum() / sum(present)
 
     def jepa_losses(self, batch: dict) -> dict[str, torch.Tensor]:
         if any(k not in batch for k in MASK_KEYS):
