@@ -297,3 +297,22 @@ def test_training_centres_by_the_batch_mean_so_a_position_only_prediction_is_zer
     # the batch's own mean was removed: what is left averages to ~0 at every position
     assert t["targets"].mean(0).abs().mean() < 0.3
     assert float(position_r2(t["targets"])) < 0.3
+
+
+def test_sigreg_rank_with_no_samples_still_joins_and_gets_the_global_value():
+    """A rank whose masks dropped the modality passes zero samples; with the statistics
+    summed over ranks both get the value of the samples that exist."""
+    z = torch.randn(32, 32, generator=torch.Generator().manual_seed(11))
+    whole = sigreg(z, DIRS)
+    stats = {}
+    for name, part in (("full", z), ("empty", z[:0])):
+        seen: list[torch.Tensor] = []
+        sigreg(part, DIRS, reduce_sum=lambda x, seen=seen: seen.append(x) or x)
+        stats[name] = seen
+    summed = [a + b for a, b in zip(stats["full"], stats["empty"], strict=True)]
+    for part in (z, z[:0]):
+        it = iter(summed)
+        value, n = sigreg(part, DIRS, reduce_sum=lambda x, it=it: next(it), return_n=True)
+        assert float(n) == 32 and torch.allclose(value, whole, rtol=1e-5)
+    value, n = sigreg(z[:0], DIRS, return_n=True)
+    assert float(n) == 0 and float(value) == 0.0
