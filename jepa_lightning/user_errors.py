@@ -109,8 +109,40 @@ def config_error_message(text: str, argv: list[str]) -> str:
             f"error: {_where(name, argv)}: class_path {name!r} is not a known task or data "
             f"module{hint} Valid names: {', '.join(valid)}."
         )
+    bad_value = _bad_value(text)
+    if bad_value:
+        key, problem = bad_value
+        return f"error: {_where(key.rsplit('.', 1)[-1], argv)}: {key}: {problem}"
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     return "error: " + " ".join(lines[:4]) + " (see --help or --print_config)"
+
+
+def _bad_value(text: str) -> tuple[str, str] | None:
+    """The dotted key and the complaint of a value that fails its type, or None.
+
+    Why: jsonargparse >= 4.53 reports a bad value inside a class (``data.init_args.ehr_join:
+    closest``) as "does not validate against any of the Union subtypes" of an
+    ``Optional[DataModule]``, with the real complaint nested lines below beside a useless
+    "Expected a <class 'NoneType'>". This walks the first branch down to its innermost
+    "Parser key" and the message under it."""
+    keys: list[str] = []
+    for line in text.splitlines():
+        stripped = line.strip().lstrip("- ").strip()
+        key = re.match(r'Parser key "([^"]+)"', stripped)
+        if key:
+            if keys and keys[-1] == "class_path":
+                keys[-1] = "init_args"
+            keys.append(key.group(1))
+        elif stripped.startswith("Problem with given class_path"):
+            keys.append("class_path")
+        elif keys and stripped and not stripped.startswith(
+            ("Does not validate", "Subtypes:", "Errors:", "Given value")
+        ):
+            if "NoneType" in stripped:
+                continue
+            path = [k for k in keys if k != "class_path"]
+            return ".".join(path), stripped
+    return None
 
 
 def run_reporting_user_errors(main: Callable[[], object]) -> None:

@@ -98,3 +98,24 @@ def test_rerun_into_the_same_folder_with_another_logger_keeps_both_configs(tmp_p
     main([*common, "--trainer.logger=false", "--trainer.max_epochs=2"])
     assert (run / "config.yaml").exists() and (run / "config_1.yaml").exists()
     assert yaml.safe_load((run / "config_1.yaml").read_text())["trainer"]["max_epochs"] == 2
+
+
+def test_a_bad_value_nested_in_an_optional_class_names_its_dotted_key():
+    """jsonargparse >= 4.53 hides the complaint under a Union of the class and NoneType."""
+    from jepa_lightning.user_errors import config_error_message
+
+    raw = """Parser key "data":
+  Does not validate against any of the Union subtypes
+  Subtypes: [<class 'data_modules.ct_ehr.CTEHRDataModule'>, <class 'NoneType'>]
+  Errors:
+    - Problem with given class_path 'data_modules.ct_ehr.CTEHRDataModule':
+        Parser key "ehr_join":
+          Expected a typing.Literal['scan_id', 'nearest_before']. Got value: closest
+    - Expected a <class 'NoneType'>
+  Given value type: <class 'jsonargparse._util.NestedArg'>
+  Given value: NestedArg(key='ehr_join', val='closest')"""
+    message = config_error_message(raw, ["fit", "--data.init_args.ehr_join=closest"])
+    assert message == (
+        "error: the command line: data.init_args.ehr_join: Expected a "
+        "typing.Literal['scan_id', 'nearest_before']. Got value: closest"
+    )
