@@ -135,8 +135,12 @@ def _bad_value(text: str) -> tuple[str, str] | None:
             keys.append(key.group(1))
         elif stripped.startswith("Problem with given class_path"):
             keys.append("class_path")
-        elif keys and stripped and not stripped.startswith(
-            ("Does not validate", "Subtypes:", "Errors:", "Given value")
+        elif (
+            keys
+            and stripped
+            and not stripped.startswith(
+                ("Does not validate", "Subtypes:", "Errors:", "Given value")
+            )
         ):
             if "NoneType" in stripped:
                 continue
