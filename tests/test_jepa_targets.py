@@ -99,7 +99,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_rank_sigreg(rank: int, port: int, z: torch.Tensor, out: dict) -> None:
+def _two_rank_sigreg(rank: int, port: int, z: torch.Tensor, out: dict, standardize: bool) -> None:
     import torch.distributed as dist
     import torch.distributed.nn.functional as dist_fn
 
@@ -107,22 +107,24 @@ def _two_rank_sigreg(rank: int, port: int, z: torch.Tensor, out: dict) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         local = z[rank::2].clone().requires_grad_()
-        value = sigreg(local, DIRS, reduce_sum=dist_fn.all_reduce)
+        value = sigreg(local, DIRS, reduce_sum=dist_fn.all_reduce, standardize=standardize)
         value.backward()
         out[rank] = (float(value), local.grad.clone())
     finally:
         dist.destroy_process_group()
 
 
-def test_sigreg_two_gloo_ranks_equal_one_process():
+@pytest.mark.parametrize("standardize", [False, True])
+def test_sigreg_two_gloo_ranks_equal_one_process(standardize):
     """Real 2-process gloo: each rank's value is the whole batch's, and the gradients (summed
-    by the all-reduce's backward, then averaged by DDP: x 1/2) are the whole batch's."""
+    by the all-reduce's backward, then averaged by DDP: x 1/2) are the whole batch's; also
+    with the batch moments of ``standardize`` reduced over ranks."""
     z = torch.randn(48, 32, generator=torch.Generator().manual_seed(4))
     whole = z.clone().requires_grad_()
-    expected = sigreg(whole, DIRS)
+    expected = sigreg(whole, DIRS, standardize=standardize)
     expected.backward()
     out = mp.Manager().dict()
-    mp.spawn(_two_rank_sigreg, args=(_free_port(), z, out), nprocs=2, join=True)
+    mp.spawn(_two_rank_sigreg, args=(_free_port(), z, out, standardize), nprocs=2, join=True)
     for rank in (0, 1):
         value, grad = out[rank]
         assert value == pytest.approx(float(expected), rel=1e-5)
@@ -316,3 +318,52 @@ def test_sigreg_rank_with_no_samples_still_joins_and_gets_the_global_value():
         assert float(n) == 32 and torch.allclose(value, whole, rtol=1e-5)
     value, n = sigreg(z[:0], DIRS, return_n=True)
     assert float(n) == 0 and float(value) == 0.0
+
+
+def test_one_class_validation_labels_log_nan_auroc_with_a_warning(caplog):
+    """torchmetrics gives 0.0 for a one-class AUROC; the probe logs NaN (undefined) instead."""
+    from torchmetrics.classification import BinaryAUROC
+
+    task = MultimodalJEPA(image_size=16, patch_size=8, n_ehr_features=4, embed_dim=16, depth=1,
+                          num_heads=2, predictor_dim=8, predictor_depth=1, predictor_heads=2)  # fmt: skip
+    logged = {}
+    task.log = lambda name, value, **kw: logged.__setitem__(name, float(value))
+    metric = BinaryAUROC()
+    metric.update(torch.tensor([0.2, 0.7, 0.4]), torch.tensor([0.0, 0.0, 0.0]))
+    task.count_probe_labels(torch.tensor([0.0, 0.0, 0.0]))
+    with caplog.at_level("WARNING"):
+        task.log_probe_auroc("val/probe_auroc", metric)
+    assert math.isnan(logged["val/probe_auroc"])
+    assert "3 labelled validation scans are all negative" in caplog.text
+
+    task.reset_probe_label_counts()
+    metric.reset()
+    metric.update(torch.tensor([0.2, 0.7, 0.4]), torch.tensor([0.0, 1.0, 0.0]))
+    task.count_probe_labels(torch.tensor([0.0, 1.0, 0.0]))
+    task.log_probe_auroc("val/probe_auroc", metric)
+    assert logged["val/probe_auroc"] == 1.0
+
+
+def test_sigreg_standardized_ignores_scale_and_offset_but_not_anisotropy():
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(512, 32, generator=g)
+    base = sigreg(z, DIRS, standardize=True)
+    assert torch.allclose(sigreg(0.01 * z + 5.0, DIRS, standardize=True), base, rtol=1e-3)
+    assert sigreg(0.01 * z + 5.0, DIRS) > 50 * base  # the fixed-scale form punishes the scale
+    low_rank = torch.randn(512, 2, generator=g) @ torch.randn(2, 32, generator=g)
+    assert sigreg(low_rank, DIRS, standardize=True) > 10 * base
+
+
+def test_sigreg_sees_the_full_image_embedding_not_the_masked_context():
+    """sigreg_input=full: the regularised embedding does not depend on the JEPA mask."""
+    task = MultimodalJEPA(image_size=16, patch_size=8, n_ehr_features=4, embed_dim=16, depth=1,
+                          num_heads=2, predictor_dim=8, predictor_depth=1, predictor_heads=2,
+                          sigreg_weight=1.0)  # fmt: skip
+    batch = {"image": torch.randn(4, 1, 16, 16, 16), "ehr": torch.randn(4, 4),
+             "ehr_missing": torch.zeros(4, 4, dtype=torch.bool)}  # fmt: skip
+    context = torch.randn(4, 3, 16)
+    a = task.sigreg_parts(batch, context, 2)
+    b = task.sigreg_parts(batch, torch.randn(4, 5, 16), 1)
+    assert len(a) == 2 and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    full = task.encoder(batch["image"], None, batch["ehr_missing"]).mean(1)
+    assert torch.allclose(a[0], full)

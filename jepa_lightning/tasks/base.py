@@ -45,6 +45,29 @@ def decay_groups(
     return [g for g in groups if g["params"]]
 
 
+class OnlineProbe(nn.Module):
+    """Linear probe on standardised features: a batch norm without affine, then a linear layer.
+
+    Why: the online probe is fitted by SGD beside the encoder, whose feature scale moves
+    (a standardised SIGReg leaves it free; at random init the pooled std is ~0.006). On
+    raw features the probe's AUROC then tracks the scale, not the content; standardised,
+    it tracks what is linearly there (MAE's linear probe does the same). A training batch
+    of one uses the running statistics.
+    """
+
+    def __init__(self, in_features: int):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(in_features, affine=False)
+        self.linear = nn.Linear(in_features, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] < 2:
+            x = nn.functional.batch_norm(x, self.norm.running_mean, self.norm.running_var)
+        else:
+            x = self.norm(x)
+        return self.linear(x)
+
+
 class BaseTask(L.LightningModule):
     """AdamW with decay groups and a warmup + cosine (or warmup-stable-decay) LR updated every
     optimizer step.
@@ -204,6 +227,42 @@ class BaseTask(L.LightningModule):
         if self._trainer is not None and self.trainer.world_size > 1:
             total = self.trainer.strategy.reduce(total.clone(), reduce_op="sum")
         return int(total.item())
+
+    def count_probe_labels(self, labels: torch.Tensor) -> None:
+        """Add a validation batch's labelled scans (``labels`` without NaN) to the epoch's
+        positive / negative counts that :meth:`log_probe_auroc` checks."""
+        counts = getattr(self, "_probe_label_counts", [0, 0])
+        positives = int((labels > 0.5).sum())
+        self._probe_label_counts = [counts[0] + positives, counts[1] + len(labels) - positives]
+
+    def log_probe_auroc(self, name: str, metric, **log_kwargs) -> None:
+        """Log ``metric.compute()`` as ``name``, or NaN with a warning when the epoch's labelled
+        validation scans (over all ranks) hold only one class.
+
+        Why: torchmetrics returns 0.0 for a one-class AUROC, which reads as a broken model
+        (and a checkpoint monitor would rank it); the AUROC is undefined there. NaN is never
+        picked as best by ``ModelCheckpoint``. Every rank takes the same branch (global
+        counts), so all or none enter ``compute()``'s all-gather."""
+        positives, negatives = getattr(self, "_probe_label_counts", [0, 0])
+        positives, negatives = self.count_over_ranks(positives), self.count_over_ranks(negatives)
+        if not positives + negatives:
+            return
+        if positives and negatives:
+            value = metric.compute()
+        else:
+            value = torch.tensor(float("nan"), device=self.device)
+            if not getattr(self, "_warned_one_class", False):
+                log.warning(
+                    "%s: the %d labelled validation scans are all %s, so the AUROC is "
+                    "undefined and logged as NaN; label scans of both classes in the "
+                    "validation split (or a larger labelled fraction)",
+                    name, positives + negatives, "positive" if positives else "negative",
+                )  # fmt: skip
+                self._warned_one_class = True
+        self.log(name, value, sync_dist=True, **log_kwargs)
+
+    def reset_probe_label_counts(self) -> None:
+        self._probe_label_counts = [0, 0]
 
     # --- DDP: every trainable parameter takes part in every step ---------------------------
     def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:

@@ -47,7 +47,7 @@ from jepa_lightning.schedules import (
     ema_start_for_share,
     ema_update_,
 )
-from jepa_lightning.tasks.base import BaseTask
+from jepa_lightning.tasks.base import BaseTask, OnlineProbe
 from jepa_lightning.tasks.references import encoder_references
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,15 @@ class MultimodalJEPA(BaseTask):
             each modality's pooled context embedding; 0 = off.
         sigreg_directions / sigreg_points: random directions of the sketch (new ones every
             step, identical on every rank) and integration nodes of the Epps–Pulley test.
+        sigreg_input: what SIGReg sees. ``full``: the online encoder's pooled embedding of
+            the whole image alone and of the whole EHR alone (one extra encoder pass) -- the
+            embedding that probes and finetuning use. ``context``: the pooled context tokens
+            of the masked views; a pooled context varies with *which* patches survived the
+            mask, and on the quickstart cohort 73 % of its variance was that mask layout, so
+            SIGReg was met without spreading the full-image embedding (rank 35 -> 6.5).
+        sigreg_standardize: centre the pooled embeddings and divide them by one scalar (their
+            batch RMS std) before SIGReg, so it shapes them (isotropy) instead of pulling on
+            their scale, which a short run cannot move (see :func:`losses.sigreg`).
         variance_weight: weight of a VICReg variance hinge on the pooled context embeddings
             (0 = off; the older anti-collapse option, kept for comparison).
         loss: ``smooth_l1`` | ``l1`` | ``l2`` on the targets, in fp32.
@@ -138,6 +147,8 @@ class MultimodalJEPA(BaseTask):
         sigreg_weight: float = 0.0,
         sigreg_directions: int = 64,
         sigreg_points: int = 17,
+        sigreg_input: Literal["full", "context"] = "full",
+        sigreg_standardize: bool = False,
         variance_weight: float = 0.0,
         loss: str = "smooth_l1",
         residual_rescale: bool = False,
@@ -157,6 +168,8 @@ class MultimodalJEPA(BaseTask):
             lr, weight_decay, warmup_fraction, min_lr_ratio, base_batch_size, lr_schedule,
             decay_fraction, weight_decay_end,
         )  # fmt: skip
+        if sigreg_input not in ("full", "context"):
+            raise ValueError(f"sigreg_input must be 'full' or 'context', got {sigreg_input!r}")
         if target_mode not in ("per_modality", "joint"):
             raise ValueError(f"target_mode must be 'per_modality' or 'joint', got {target_mode!r}")
         self.save_hyperparameters()
@@ -175,8 +188,8 @@ class MultimodalJEPA(BaseTask):
         )
         # Online linear probes on detached target features: the image-only one is what
         # checkpoint selection uses (val/probe_auroc); the joint one sees image and EHR.
-        self.probe = nn.Linear(embed_dim, 1)
-        self.probe_joint = nn.Linear(2 * embed_dim, 1)
+        self.probe = OnlineProbe(embed_dim)
+        self.probe_joint = OnlineProbe(2 * embed_dim)
         self.val_probe_auroc = BinaryAUROC()
         self.val_probe_auroc_joint = BinaryAUROC()
         n_tokens = self.encoder.num_patches + n_ehr_features
@@ -288,9 +301,26 @@ class MultimodalJEPA(BaseTask):
         return out
 
     # --- the JEPA computation --------------------------------------------------------------
-    def sigreg_term(self, context: torch.Tensor, n_ctx_img: int) -> torch.Tensor:
-        """SIGReg on each modality's pooled context embedding, averaged over the modalities
-        present in the (global) batch; same directions on every rank (keyed on the step).
+    def sigreg_parts(self, batch: dict, context: torch.Tensor, n_ctx_img: int) -> list:
+        """The per-modality embeddings ``[B_m, C]`` SIGReg regularises (``sigreg_input``)."""
+        if self.hparams.sigreg_input == "full":
+            parts = [self.encoder(batch["image"], None, batch["ehr_missing"]).mean(1)]
+            if self.hparams.use_ehr:
+                parts.append(self.encoder(None, batch["ehr"], batch["ehr_missing"]).mean(1))
+            return parts
+        parts = [context[:, :n_ctx_img]]
+        if self.hparams.use_ehr:
+            parts.append(context[:, n_ctx_img:])
+        dim = self.hparams.embed_dim
+        # a modality absent from this rank's context: zero samples (it still joins the sync)
+        return [
+            p.mean(1) if p.shape[1] else context.new_zeros(0, dim) + context.sum() * 0
+            for p in parts
+        ]
+
+    def sigreg_term(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """SIGReg on each modality's pooled embedding, averaged over the modalities present
+        in the (global) batch; same directions on every rank (keyed on the step).
 
         Under DDP every rank runs the same all-reduces whatever its batch drew: masks (and so
         modality drop) differ between ranks, so a rank whose context has no image tokens
@@ -299,23 +329,23 @@ class MultimodalJEPA(BaseTask):
         ranks may hold one batch more or fewer there."""
         step = self.trainer.global_step if self._trainer is not None else 0
         seed = 0 if not self.training else 1 + step
-        dim = self.hparams.embed_dim
-        dirs = sigreg_directions(dim, self.hparams.sigreg_directions, seed, context.device)
+        dirs = sigreg_directions(
+            self.hparams.embed_dim, self.hparams.sigreg_directions, seed, parts[0].device
+        )
         synced = self._world() > 1 and self.training
         reduce = self._sum_over_ranks_differentiable if synced else None
-        parts = [context[:, :n_ctx_img]]
-        if self.hparams.use_ehr:
-            parts.append(context[:, n_ctx_img:])
         terms, present = [], []
-        for part in parts:
-            if not part.shape[1] and not synced:
+        for z in parts:
+            if not z.shape[0] and not synced:
                 continue
-            z = part.mean(1) if part.shape[1] else context.new_zeros(0, dim) + context.sum() * 0
-            value, n = sigreg(z, dirs, self.hparams.sigreg_points, reduce_sum=reduce, return_n=True)
+            value, n = sigreg(
+                z, dirs, self.hparams.sigreg_points, reduce_sum=reduce, return_n=True,
+                standardize=self.hparams.sigreg_standardize,
+            )  # fmt: skip
             terms.append(value)
             present.append(float(n >= 1))
         if not terms or not sum(present):
-            return context.sum() * 0.0
+            return parts[0].sum() * 0.0
         return torch.stack(terms).sum() / sum(present)
 
     def jepa_losses(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -352,7 +382,8 @@ class MultimodalJEPA(BaseTask):
             out["loss_ehr"] = latent_regression_loss(pred_ehr, tgt_ehr, observed, kind=kind)
             loss = loss + self.hparams.ehr_loss_weight * out["loss_ehr"]
         if self.hparams.sigreg_weight > 0:
-            out["loss_sigreg"] = self.sigreg_term(context, ctx_img.shape[1])
+            parts = self.sigreg_parts(batch, context, ctx_img.shape[1])
+            out["loss_sigreg"] = self.sigreg_term(parts)
             loss = loss + self.hparams.sigreg_weight * out["loss_sigreg"]
         if self.hparams.variance_weight > 0:
             out["loss_variance"] = variance_hinge(context.mean(1))
@@ -471,6 +502,7 @@ class MultimodalJEPA(BaseTask):
             self.val_probe_auroc.update(prob[labelled], y)
             prob_joint = torch.sigmoid(self.probe_joint(out["pooled_joint"]).squeeze(-1))
             self.val_probe_auroc_joint.update(prob_joint[labelled], y)
+            self.count_probe_labels(y)
         # flattened: torchmetrics gathers a rank without samples as a 1-D empty tensor
         self.val_embeddings.update(out["pooled_image"].float().flatten())
 
@@ -478,13 +510,11 @@ class MultimodalJEPA(BaseTask):
         # Counts summed over ranks: every rank enters the same compute() (all-gathers), also
         # a rank whose share held no labelled scan. The computed values are then the same on
         # every rank; sync_dist averages identical numbers (exact) and keeps Lightning quiet.
-        if self.count_over_ranks(self.val_probe_auroc.update_count):
-            self.log(
-                "val/probe_auroc", self.val_probe_auroc.compute(), prog_bar=True, sync_dist=True
-            )
-            self.log("val/probe_auroc_joint", self.val_probe_auroc_joint.compute(), sync_dist=True)
+        self.log_probe_auroc("val/probe_auroc", self.val_probe_auroc, prog_bar=True)
+        self.log_probe_auroc("val/probe_auroc_joint", self.val_probe_auroc_joint)
         self.val_probe_auroc.reset()
         self.val_probe_auroc_joint.reset()
+        self.reset_probe_label_counts()
         if self.count_over_ranks(self.val_embeddings.update_count):
             z = self.val_embeddings.compute().reshape(-1, self.hparams.embed_dim)
             self.log("val/effective_rank", effective_rank(z), sync_dist=True)

@@ -15,7 +15,7 @@ from torchmetrics.classification import BinaryAUROC
 from jepa_lightning.collapse import effective_rank, mean_feature_std
 from jepa_lightning.losses import masked_bce_with_logits
 from jepa_lightning.masking import step_generator
-from jepa_lightning.tasks.base import BaseTask
+from jepa_lightning.tasks.base import BaseTask, OnlineProbe
 
 
 class SSLTask(BaseTask):
@@ -44,7 +44,7 @@ class SSLTask(BaseTask):
         self, embed_dim: int, lr, weight_decay, warmup_fraction, min_lr_ratio, base_batch_size
     ):
         super().__init__(lr, weight_decay, warmup_fraction, min_lr_ratio, base_batch_size)
-        self.probe = nn.Linear(embed_dim, 1)
+        self.probe = OnlineProbe(embed_dim)
         self.embed_dim = embed_dim
         self.val_probe_auroc = BinaryAUROC()
         # flattened [B * C]: torchmetrics gathers a rank without samples as a 1-D empty tensor
@@ -109,16 +109,15 @@ class SSLTask(BaseTask):
             # float targets: torchmetrics stands in an empty *float* tensor for a rank without
             # samples when it all-gathers; a long state elsewhere would not match it
             self.val_probe_auroc.update(prob[labelled], batch["label"][labelled].float())
+            self.count_probe_labels(batch["label"][labelled])
         self.val_embeddings.update(pooled.float().flatten())
 
     def on_validation_epoch_end(self) -> None:
         # Every decision on counts over all ranks, so all ranks enter the same compute()s.
         # Computed values are then equal on every rank; sync_dist averages equal numbers.
-        if self.count_over_ranks(self.val_probe_auroc.update_count):
-            self.log(
-                "val/probe_auroc", self.val_probe_auroc.compute(), prog_bar=True, sync_dist=True
-            )
+        self.log_probe_auroc("val/probe_auroc", self.val_probe_auroc, prog_bar=True)
         self.val_probe_auroc.reset()
+        self.reset_probe_label_counts()
         if self.count_over_ranks(self.val_embeddings.update_count):
             z = self.val_embeddings.compute().reshape(-1, self.embed_dim)
             self.log("val/effective_rank", effective_rank(z), sync_dist=True)
