@@ -787,6 +787,16 @@ class SyntheticCohortDataModule(CTEHRDataModule):
     def ehr_feature_names(self) -> list[str]:
         return feature_names(self.spec.n_ehr_features)
 
+    def latents(self) -> pd.DataFrame:
+        """The generator's per-scan causes, nodule and findings (``latents.parquet``), indexed
+        by ``scan_id``: ground truth for audits of what an encoder captured."""
+        path = Path(self.root) / "latents.parquet"
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{path} is missing: run prepare_data() (or generate the cohort) first"
+            )
+        return pd.read_parquet(path).set_index("scan_id")
+
     def prepare_data(self) -> None:
         ensure_cohort(self.root, self.spec, workers=self.generate_workers)
 

@@ -11,7 +11,9 @@ What makes it learn (each measured on the quickstart cohort, README "Watching fo
   layer-normed targets is subtracted and the rest layer-normed again. On a small patch grid
   position explains most of the target variance, so a content-free encoder scores well.
 * **An anti-collapse term per modality** (``sigreg_weight``: SIGReg, LeJEPA) on the pooled
-  context embeddings, with random directions and statistics shared by all DDP ranks.
+  full-image and full-EHR embeddings of the online encoder (``sigreg_input``), with random
+  directions and statistics shared by all DDP ranks. On pooled *masked contexts* it was
+  met by encoding which patches the mask kept.
 * **Monitors with references**: the image-only probe, effective rank and feature spread are
   also measured on the random-init encoder at step 0 (``ref/*``), so "collapsed" has a scale.
 """

@@ -35,33 +35,36 @@ def _collate(samples: list) -> dict:
 
 @torch.no_grad()
 def pooled_image_features(
-    encoder: nn.Module, dataset, batch_size: int, device: torch.device
-) -> tuple[np.ndarray, np.ndarray]:
+    encoder: nn.Module, dataset, batch_size: int, device: torch.device, return_ids: bool = False
+) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, list[str]]:
     """Mean-pooled image-only encoder outputs ``[N, C]`` and labels ``[N]`` (NaN =
-    unlabelled) of every scan of ``dataset``; under DDP each rank encodes its share and the
-    shares are gathered, so every rank returns the whole split."""
+    unlabelled) of every scan of ``dataset`` (and their ``scan_id``s with ``return_ids``);
+    under DDP each rank encodes its share and the shares are gathered, so every rank
+    returns the whole split."""
     rank, world = _distributed()
     indices = list(range(rank, len(dataset), world))
     loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, collate_fn=_collate)
     was_training = encoder.training
     encoder.eval()
-    feats, labels = [], []
+    feats, labels, ids = [], [], []
     for batch in loader:
         if not batch:
             continue
         hidden = encoder(batch["image"].to(device), None, None)
         feats.append(hidden.mean(1).float().cpu().numpy())
         labels.append(batch["label"].float().cpu().numpy())
+        ids += list(batch["scan_id"])
     encoder.train(was_training)
     dim = getattr(encoder, "embed_dim", 0)
     z = np.concatenate(feats) if feats else np.zeros((0, dim), np.float32)
     y = np.concatenate(labels) if labels else np.zeros(0, np.float32)
     if world > 1:
         parts: list = [None] * world
-        torch.distributed.all_gather_object(parts, (z, y))
+        torch.distributed.all_gather_object(parts, (z, y, ids))
         z = np.concatenate([p[0] for p in parts])
         y = np.concatenate([p[1] for p in parts])
-    return z, y
+        ids = [i for p in parts for i in p[2]]
+    return (z, y, ids) if return_ids else (z, y)
 
 
 def offline_probe_auroc(

@@ -1,0 +1,65 @@
+"""The ground-truth audit of pooled image embeddings on the synthetic cohort."""
+
+from __future__ import annotations
+
+import lightning
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from jepa_lightning.evaluation.latent_audit import IMAGE_FACTORS, main, ridge_r2, run
+from jepa_lightning.tasks import MultimodalJEPA
+from tests.conftest import TINY
+
+SMALL = dict(image_size=32, patch_size=8, n_ehr_features=TINY["n_ehr_features"], embed_dim=16,
+             depth=1, num_heads=2, predictor_dim=8, predictor_depth=1, predictor_heads=2)  # fmt: skip
+
+
+def _files(tmp_path, tiny_cohort, model: MultimodalJEPA):
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+                "pytorch-lightning_version": lightning.__version__}, ckpt)  # fmt: skip
+    config = tmp_path / "fit.yaml"
+    data = {
+        "class_path": "SyntheticCohortDataModule",
+        "init_args": {"root": str(tiny_cohort), **TINY},
+    }
+    config.write_text(yaml.safe_dump({"data": data}))
+    return str(ckpt), str(config)
+
+
+def test_ridge_r2_reads_a_linear_factor_and_not_noise():
+    g = np.random.default_rng(0)
+    z = g.normal(size=(300, 8))
+    y = z @ g.normal(size=8)
+    assert ridge_r2(z[:200], y[:200], z[200:], y[200:]) > 0.99
+    assert ridge_r2(z[:200], g.normal(size=200), z[200:], g.normal(size=100)) < 0.1
+
+
+def test_a_checkpoint_equal_to_the_random_init_audits_equal(tmp_path, tiny_cohort, capsys):
+    torch.manual_seed(0)
+    ckpt, config = _files(tmp_path, tiny_cohort, MultimodalJEPA(**SMALL))
+    table = run(ckpt, config, seed=0)
+    assert list(table.index) == ["random init", "pretrained"]
+    assert set(IMAGE_FACTORS) <= set(table.columns)
+    assert np.allclose(
+        table.loc["random init"].astype(float), table.loc["pretrained"].astype(float)
+    )
+    assert np.isfinite(table.loc["pretrained", "mean_r2"])
+
+
+def test_other_weights_audit_differently_and_the_table_is_written(tmp_path, tiny_cohort, capsys):
+    torch.manual_seed(1)
+    ckpt, config = _files(tmp_path, tiny_cohort, MultimodalJEPA(**SMALL))
+    main(["--ckpt", ckpt, "--config", config, "--out", str(tmp_path / "audit.csv")])
+    assert "mean_r2" in capsys.readouterr().out
+    table = __import__("pandas").read_csv(tmp_path / "audit.csv", index_col=0)
+    assert table.loc["random init", "effective_rank"] != table.loc["pretrained", "effective_rank"]
+
+
+def test_a_real_archive_config_is_refused_by_name(tmp_path):
+    config = tmp_path / "real.yaml"
+    config.write_text(yaml.safe_dump({"data": {"class_path": "CTEHRDataModule"}}))
+    with pytest.raises(SystemExit, match="latents.parquet"):
+        run("unused.ckpt", str(config))
