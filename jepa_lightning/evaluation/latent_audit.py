@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +60,9 @@ def full_label_auroc(train_z, train_y, val_z, val_y) -> float:
     from sklearn.preprocessing import StandardScaler
 
     model = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=8, max_iter=2000))
-    model.fit(train_z, train_y.astype(int))
+    with warnings.catch_warnings():  # sklearn 1.8's notices of changing defaults
+        warnings.simplefilter("ignore", FutureWarning)
+        model.fit(train_z, train_y.astype(int))
     return float(roc_auc_score(val_y.astype(int), model.predict_proba(val_z)[:, 1]))
 
 
