@@ -132,13 +132,16 @@ def test_plain_loop_does_what_lightning_does():
 
 
 @pytest.mark.parametrize(
-    "p_image_only, p_ehr_only, use_ehr",
-    [(0.0, 0.0, True), (1.0, 0.0, True), (0.0, 1.0, True), (0.0, 0.0, False)],
-    ids=["joint", "image_to_ehr", "ehr_to_image", "image_only_jepa"],
-)
-def test_analytic_flops_equal_flop_counter(p_image_only, p_ehr_only, use_ehr):
+    "p_image_only, p_ehr_only, use_ehr, sigreg",
+    [(0.0, 0.0, True, {}), (1.0, 0.0, True, {}), (0.0, 1.0, True, {}), (0.0, 0.0, False, {}),
+     (0.0, 0.0, True, {"sigreg_weight": 0.5}), (1.0, 0.0, True, {"sigreg_weight": 0.5}),
+     (0.0, 1.0, True, {"sigreg_weight": 0.5, "sigreg_input": "context"})],
+    ids=["joint", "image_to_ehr", "ehr_to_image", "image_only_jepa", "sigreg_full",
+         "sigreg_full_image_to_ehr", "sigreg_context_ehr_to_image"],
+)  # fmt: skip
+def test_analytic_flops_equal_flop_counter(p_image_only, p_ehr_only, use_ehr, sigreg):
     task = build_task(16, 6, p_image_only=p_image_only, p_ehr_only=p_ehr_only,
-                      use_ehr=use_ehr, **TINY)  # fmt: skip
+                      use_ehr=use_ehr, **sigreg, **TINY)  # fmt: skip
     loop = PlainJEPALoop(task.train(), 10)
     for batch in synthetic_batches(task, 2, 3):
         # The math SDPA path is made of bmm's that FlopCounterMode counts; the CPU flash

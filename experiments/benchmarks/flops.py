@@ -57,6 +57,7 @@ class StepFlops:
     context_forward: int
     predictor_forward: int
     probe_forward: int
+    sigreg_forward: int  # SIGReg's own encoder pass (sigreg_input: full) and projections
     model_flops: int  # forward + backward, as defined in the module docstring
 
     def as_dict(self) -> dict:
@@ -91,9 +92,23 @@ def jepa_step_flops(task: MultimodalJEPA, batch: dict) -> StepFlops:
         + blocks_forward_flops(b, k + t, pred.blocks)
         + linear_flops(b * t, pdim, dim)
     )
-    probe = linear_flops(b, dim, task.probe.out_features) + linear_flops(
-        b, task.probe_joint.in_features, task.probe_joint.out_features
+    probe = linear_flops(b, dim, task.probe.linear.out_features) + linear_flops(
+        b, task.probe_joint.linear.in_features, task.probe_joint.linear.out_features
     )
-    trained_fwd = (context - context_patch) + predictor
-    model = target + 3 * trained_fwd + 2 * context_patch + 2 * probe
-    return StepFlops(patch, target, context, predictor, probe, model)
+    sigreg_blocks, sigreg_patch, sigreg_proj = 0, 0, 0
+    h = task.hparams
+    if h.sigreg_weight > 0:
+        if h.sigreg_input == "full":
+            sigreg_patch = patch
+            sigreg_blocks = blocks_forward_flops(b, n_img, vit.blocks)
+            sigreg_blocks += blocks_forward_flops(b, n_ehr, vit.blocks)
+            rows = b * (1 + bool(n_ehr))
+        else:
+            rows = b * (bool(k_img) + bool(k_ehr))
+        sigreg_proj = linear_flops(rows, dim, h.sigreg_directions)  # z @ directions
+    sigreg_fwd = sigreg_patch + sigreg_blocks + sigreg_proj
+    trained_fwd = (context - context_patch) + predictor + sigreg_blocks
+    # input-side linears (patch embedding, the fixed SIGReg directions): no input gradient
+    fixed_input = context_patch + sigreg_patch + sigreg_proj
+    model = target + 3 * trained_fwd + 2 * fixed_input + 2 * probe
+    return StepFlops(patch, target, context, predictor, probe, sigreg_fwd, model)

@@ -88,6 +88,7 @@ def audit_encoder(encoder, datamodule, latents: pd.DataFrame, device: torch.devi
 def run(ckpt: str, config: str, seed: int = 0) -> pd.DataFrame:
     """Audit table: one row for the random-init encoder, one for the checkpoint's target."""
     from data_modules.synthetic import SyntheticCohortDataModule
+    from jepa_lightning.encoder_export import load_encoder
     from jepa_lightning.tasks import MultimodalJEPA
 
     data = (yaml.safe_load(Path(config).read_text()) or {}).get("data") or {}
@@ -100,14 +101,14 @@ def run(ckpt: str, config: str, seed: int = 0) -> pd.DataFrame:
     datamodule = SyntheticCohortDataModule(**args)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    trained = MultimodalJEPA.load_from_checkpoint(ckpt, map_location="cpu", weights_only=False)
+    trained = load_encoder(ckpt)  # the EMA target encoder, strict, weights_only
     torch.manual_seed(seed)
-    random_init = MultimodalJEPA(**trained.hparams)
+    random_init = MultimodalJEPA(**trained.hparams).target_encoder  # as the task inits it
     latents = datamodule.latents()
     device = torch.device("cpu")
     rows = {
-        "random init": audit_encoder(random_init.target_encoder, datamodule, latents, device),
-        "pretrained": audit_encoder(trained.target_encoder, datamodule, latents, device),
+        "random init": audit_encoder(random_init, datamodule, latents, device),
+        "pretrained": audit_encoder(trained.encoder, datamodule, latents, device),
     }
     return pd.DataFrame(rows).T
 
