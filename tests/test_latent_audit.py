@@ -41,12 +41,15 @@ def test_a_checkpoint_equal_to_the_random_init_audits_equal(tmp_path, tiny_cohor
     torch.manual_seed(0)
     ckpt, config = _files(tmp_path, tiny_cohort, MultimodalJEPA(**SMALL))
     table = run(ckpt, config, seed=0)
-    assert list(table.index) == ["random init", "pretrained"]
+    assert list(table.index) == ["random init", "pretrained", "pretrained - random init"]
     assert set(IMAGE_FACTORS) <= set(table.columns)
-    assert np.allclose(
-        table.loc["random init"].astype(float), table.loc["pretrained"].astype(float)
-    )
+    cols = [*IMAGE_FACTORS, "mean_r2", "full_label_auroc", "effective_rank"]
+    assert np.allclose(table.loc["random init", cols].astype(float),
+                       table.loc["pretrained", cols].astype(float))  # fmt: skip
     assert np.isfinite(table.loc["pretrained", "mean_r2"])
+    delta = table.loc["pretrained - random init"]
+    assert delta["mean_r2"] == 0 and delta["mean_r2_ci_low"] == delta["mean_r2_ci_high"] == 0
+    assert delta["full_label_auroc"] == 0 and delta["full_label_auroc_p"] == 1.0
 
 
 def test_other_weights_audit_differently_and_the_table_is_written(tmp_path, tiny_cohort, capsys):
@@ -56,6 +59,11 @@ def test_other_weights_audit_differently_and_the_table_is_written(tmp_path, tiny
     assert "mean_r2" in capsys.readouterr().out
     table = __import__("pandas").read_csv(tmp_path / "audit.csv", index_col=0)
     assert table.loc["random init", "effective_rank"] != table.loc["pretrained", "effective_rank"]
+    delta = table.loc["pretrained - random init"]
+    assert delta["mean_r2_ci_low"] <= delta["mean_r2"] <= delta["mean_r2_ci_high"]
+    assert delta["mean_r2"] == pytest.approx(
+        table.loc["pretrained", "mean_r2"] - table.loc["random init", "mean_r2"]
+    )
 
 
 def test_a_real_archive_config_is_refused_by_name(tmp_path):
