@@ -126,6 +126,15 @@ class JEPALightningCLI(LightningCLI):
         if "weights_only" in config and config.weights_only is None:
             config.weights_only = True
         ckpt = config.get("ckpt_path")
+        if ckpt == "best" and self.subcommand in ("validate", "test", "predict"):
+            folder = Path(str(config.checkpoint.dirpath))
+            kept = sorted(p.name for p in folder.glob("*.ckpt")) if folder.is_dir() else []
+            raise SystemExit(
+                f"error: --ckpt_path best names the best checkpoint of a fit in the same "
+                f"process; a separate '{self.subcommand}' has none (and a run whose selection "
+                f"fell back to last.ckpt has no best at all). Give a file: "
+                f"{', '.join(str(folder / k) for k in kept) or f'none found in {folder}'}"
+            )
         if not ckpt or ckpt in ("best", "hpc") or "://" in str(ckpt):
             return
         if ckpt == "last":

@@ -55,6 +55,18 @@ def test_missing_ckpt_path_is_one_line(tmp_path):
     )
 
 
+def test_ckpt_path_best_in_a_separate_test_run_names_the_kept_files(tmp_path):
+    """Lightning's 'best' exists only inside the fitting process; say so and list the files."""
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
+    proc = _console("test", "--config", MSN, "--ckpt_path", "best",
+                    f"--trainer.default_root_dir={tmp_path}")  # fmt: skip
+    assert proc.returncode != 0
+    assert "--ckpt_path best names the best checkpoint of a fit in the same process" in proc.stderr
+    assert str(tmp_path / "checkpoints" / "last.ckpt") in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def _archive_yaml(tmp_path: Path) -> Path:
     archive = tmp_path / "archive"
     df = pd.read_parquet(nifti_archive(archive))
