@@ -28,6 +28,7 @@ from jepa_lightning.schedules import (
     warmup_stable_decay,
 )
 from jepa_lightning.tasks import MultimodalJEPA
+from jepa_lightning.tasks.base import SyncedStandardize
 from jepa_lightning.tasks.references import offline_probe_auroc
 
 DIRS = sigreg_directions(32, 64, seed=0)
@@ -129,6 +130,55 @@ def test_sigreg_two_gloo_ranks_equal_one_process(standardize):
         value, grad = out[rank]
         assert value == pytest.approx(float(expected), rel=1e-5)
         assert torch.allclose(grad / 2, whole.grad[rank::2], atol=1e-6)
+
+
+def test_synced_standardize_matches_batch_norm_on_one_process():
+    """Training output, running statistics and evaluation output equal BatchNorm1d's
+    (affine off) on one process; a one-sample batch uses the running statistics."""
+    x = torch.randn(4, 20, 8, generator=torch.Generator().manual_seed(6)) * 3 + 1
+    ours, ref = SyncedStandardize(8), torch.nn.BatchNorm1d(8, affine=False)
+    for batch in x:
+        assert torch.allclose(ours(batch), ref(batch), atol=1e-5)
+    assert torch.allclose(ours.running_mean, ref.running_mean, atol=1e-6)
+    assert torch.allclose(ours.running_var, ref.running_var, atol=1e-5)
+    assert int(ours.num_batches_tracked) == 4
+    single = x[0, :1]
+    expected = (single - ref.running_mean) / torch.sqrt(ref.running_var + 1e-5)
+    assert torch.allclose(ours(single), expected, atol=1e-5)
+    ours.eval(), ref.eval()
+    assert torch.allclose(ours(x[1]), ref(x[1]), atol=1e-5)
+
+
+def _two_rank_standardize(rank: int, port: int, x: torch.Tensor, out: dict) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        norm = SyncedStandardize(x.shape[-1])
+        local = x[rank] if rank == 0 else x[rank, :1]  # uneven: 12 samples and 1
+        y = norm(local)
+        out[rank] = (y, norm.running_mean.clone(), norm.running_var.clone())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_synced_standardize_two_gloo_ranks_share_statistics():
+    """Real 2-process gloo with uneven batches (12 and 1 samples): both ranks normalise with
+    the global batch's moments and end with identical running statistics, so the probe
+    replicas (and checkpoints) cannot drift apart."""
+    x = torch.randn(2, 12, 6, generator=torch.Generator().manual_seed(7)) * 2 - 1
+    whole = torch.cat([x[0], x[1, :1]])
+    ref = torch.nn.BatchNorm1d(6, affine=False)
+    expected = ref(whole)
+    out = mp.Manager().dict()
+    mp.spawn(_two_rank_standardize, args=(_free_port(), x, out), nprocs=2, join=True)
+    assert torch.allclose(out[0][0], expected[:12], atol=1e-5)
+    assert torch.allclose(out[1][0], expected[12:], atol=1e-5)
+    for rank in (0, 1):
+        assert torch.equal(out[rank][1], out[0][1]) and torch.equal(out[rank][2], out[0][2])
+        assert torch.allclose(out[rank][1], ref.running_mean, atol=1e-6)
+        assert torch.allclose(out[rank][2], ref.running_var, atol=1e-5)
 
 
 # -------------------------------------------------------------------- targets without position
