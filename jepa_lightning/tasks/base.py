@@ -67,9 +67,9 @@ class SyncedStandardize(nn.Module):
 
     @staticmethod
     def _sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            if torch.distributed.get_world_size() > 1:
-                torch.distributed.all_reduce(t)
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(t)
         return t
 
     @torch.no_grad()
