@@ -484,6 +484,16 @@ def patient_splits(jobs: list[NoduleJob], spec: LIDCSpec) -> dict[str, tuple[str
     return out
 
 
+SCAN_FEATURES = ("n_readers", "slice_thickness_mm", "pixel_spacing_mm", "contrast")
+
+
+def ehr_feature_names() -> list[str]:
+    """The EHR columns, in manifest order (known before the cohort is built, so the CLI can
+    size the model from them)."""
+    readers = [f"ehr_{name}_r{r + 1}" for name in RATINGS for r in range(MAX_READERS)]
+    return readers + [f"ehr_{name}" for name in SCAN_FEATURES]
+
+
 def ehr_features(job: NoduleJob) -> dict[str, float]:
     """The structured reading (each reader's eight non-malignancy ratings, NaN where fewer
     readers marked the nodule) and the scan metadata."""
@@ -697,6 +707,10 @@ class LIDCCohortDataModule(CTEHRDataModule):
             label_fraction=label_fraction,
             label_subset_seed=label_subset_seed,
         )
+
+    @property
+    def ehr_feature_names(self) -> list[str]:
+        return ehr_feature_names()
 
     def nodules(self) -> pd.DataFrame:
         """Per-nodule facts (``nodules.parquet``: median ratings, volumes, diameter), by

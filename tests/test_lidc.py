@@ -28,6 +28,7 @@ from data_modules.lidc import (
     LIDCSpec,
     bundled_database,
     cluster_annotations,
+    ehr_feature_names,
     ensure_lidc_cohort,
     generate_lidc_cohort,
     malignancy_label,
@@ -38,6 +39,10 @@ from data_modules.lidc import (
     polygon_coverage,
     rasterise,
     read_database,
+)
+from jepa_lightning.evaluation.lidc_references import (
+    reference_predictions,
+    references_table,
 )
 
 SCANS = 24
@@ -159,7 +164,10 @@ def test_data_module_loads_the_cohort(cohort):
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert batch["image"].shape[1:] == (1, 16, 16, 16)
-    assert batch["ehr"].shape[-1] == 8 * 4 + 4
+    assert batch["ehr"].shape[-1] == 8 * 4 + 4 == dm.n_ehr_features
+    assert [c for c in pd.read_parquet(cohort / "manifest.parquet") if c.startswith("ehr_")] == (
+        ehr_feature_names()
+    )
 
 
 def test_bad_database_and_folders_are_named(tmp_path, cohort):
@@ -174,3 +182,35 @@ def test_bad_database_and_folders_are_named(tmp_path, cohort):
         generate_lidc_cohort(cohort, LIDCSpec(max_scans=SCANS))
     with pytest.raises(FileExistsError, match="other settings"):
         ensure_lidc_cohort(cohort, LIDCSpec(max_scans=SCANS, fov_mm=40.0))
+
+
+def test_reference_rows_use_the_training_labels_and_score_every_test_nodule():
+    """The ratings model is fitted on labelled training nodules only (a label fraction keeps
+    fewer), the diameter row is the diameter itself, both score internal and external."""
+    rng = np.random.default_rng(0)
+    n = 400
+    facts = {f"{r}_median": rng.integers(1, 6, n).astype(float) for r in RATINGS}
+    facts["n_readers"] = rng.integers(1, 5, n).astype(float)
+    score = facts["spiculation_median"] + rng.normal(0, 1, n)
+    nodules = pd.DataFrame(
+        {
+            "scan_id": [f"n{i}" for i in range(n)],
+            "patient_id": [f"p{i // 2}" for i in range(n)],
+            "cohort": np.where(np.arange(n) >= 340, "external", "internal"),
+            "split": np.select([np.arange(n) < 200, np.arange(n) < 260], ["train", "val"], "test"),
+            "label": (score > 3).astype(float),
+            "diameter_mm": 5 + 3 * score + rng.normal(0, 2, n),
+            **facts,
+        }
+    )
+    preds, n_patients, n_train = reference_predictions(nodules, 1.0)
+    assert n_train == 200 and n_patients == 100
+    assert reference_predictions(nodules, 0.2)[2] < 60
+    test = nodules[nodules["split"] == "test"]
+    for frame in preds.values():
+        assert list(frame["scan_id"]) == list(test["scan_id"])
+    assert np.array_equal(preds["diameter alone"]["prob"], test["diameter_mm"])
+    table = references_table(nodules, [1.0], n_resamples=50)
+    assert set(table["cohort"]) == {"internal", "external"} and len(table) == 4
+    ratings_auc = float(table.iloc[0]["AUROC"].split()[0])
+    assert ratings_auc > 0.75  # spiculation carries the label here
