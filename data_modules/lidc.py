@@ -51,6 +51,8 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 from matplotlib.path import Path as Polygon
+from scipy.ndimage import distance_transform_edt, gaussian_filter
+from scipy.spatial import cKDTree
 from tqdm import tqdm
 
 from data_modules.ct_ehr import CTEHRDataModule
@@ -205,11 +207,17 @@ def cluster_annotations(points_mm: Sequence[np.ndarray], tol_mm: float) -> list[
             i = parent[i]
         return i
 
+    lows = [p.min(0) for p in points_mm]
+    highs = [p.max(0) for p in points_mm]
+    trees: dict[int, cKDTree] = {}
     for i in range(len(points_mm)):
         for j in range(i + 1, len(points_mm)):
-            a, b = points_mm[i], points_mm[j]
-            d = np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)).min()
-            if d <= tol_mm:
+            # Boxes farther apart than the tolerance cannot hold two close points.
+            gap = np.maximum(lows[i] - highs[j], lows[j] - highs[i]).max()
+            if gap > tol_mm or root(i) == root(j):
+                continue
+            tree = trees.setdefault(j, cKDTree(points_mm[j]))
+            if np.isfinite(tree.query(points_mm[i], k=1, distance_upper_bound=tol_mm)[0]).any():
                 parent[root(j)] = root(i)
     groups: dict[int, list[int]] = {}
     for i in range(len(points_mm)):
@@ -360,16 +368,12 @@ def consensus_mask(job: NoduleJob, grid: Grid, dz: float) -> tuple[np.ndarray, l
 
 def _soft(mask: np.ndarray, spacing: np.ndarray) -> np.ndarray:
     """A partial-volume edge: the mask blurred by ~0.5 mm (in voxels per axis)."""
-    from scipy.ndimage import gaussian_filter
-
     return gaussian_filter(mask.astype(np.float32), sigma=0.5 / spacing, mode="constant")
 
 
 def render_nodule(job: NoduleJob, spec: LIDCSpec) -> tuple[np.ndarray, np.ndarray, dict]:
     """The crop in HU (int16, (x, y, z)), its affine (centred on the nodule), and the
     nodule's measurements (consensus and per-reader volumes, diameter)."""
-    from scipy.ndimage import distance_transform_edt
-
     grid, dz, _ = nodule_grid(job, spec.fov_mm)
     ps = float(job.scan["pixel_spacing"])
     spacing = np.array([ps, ps, dz])
