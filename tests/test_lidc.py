@@ -85,7 +85,7 @@ def test_rasterisation_keeps_each_annotations_volume(tables):
     jobs, _ = nodule_jobs(tables, 1.0)
     errors = []
     for job in jobs:
-        grid, dz, _ = nodule_grid(job, 48.0)
+        grid, dz = nodule_grid(job, 48.0)
         ps = float(job.scan["pixel_spacing"])
         for a in job.annotations["id"]:
             contours = job.contours[job.contours["annotation_id"] == a]

@@ -27,22 +27,12 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from data_modules.label_subsets import apply_label_fraction
-from data_modules.lidc import RATINGS
+from data_modules.lidc import RATINGS, nodule_table
 from jepa_lightning.evaluation import stats
 from jepa_lightning.evaluation.tables import markdown_table
 
 RATING_FEATURES = [f"{r}_median" for r in RATINGS] + ["n_readers"]
 C_GRID = (0.01, 0.1, 1.0, 10.0)
-
-
-def load_nodules(root: str | Path) -> pd.DataFrame:
-    """Manifest rows (split, cohort, label, patient) joined with the nodules' facts."""
-    root = Path(root)
-    manifest = pd.read_parquet(root / "manifest.parquet")
-    facts = pd.read_parquet(root / "nodules.parquet")
-    return manifest[["scan_id", "patient_id", "cohort", "split", "label"]].merge(
-        facts, on="scan_id", validate="one_to_one"
-    )
 
 
 def ratings_model(train: pd.DataFrame, val: pd.DataFrame):
@@ -121,7 +111,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             f"error: {root} holds no LIDC cohort (nodules.parquet); build it with "
             f"python -m data_modules.lidc --root {root}"
         )
-    table = references_table(load_nodules(root), args.label_fractions, args.n_resamples)
+    table = references_table(nodule_table(root), args.label_fractions, args.n_resamples)
     text = markdown_table(table)
     print(text)
     if args.out:

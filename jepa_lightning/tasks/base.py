@@ -73,26 +73,31 @@ class SyncedStandardize(nn.Module):
         return t
 
     @torch.no_grad()
-    def _batch_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Mean and biased variance over the global batch, two passes (see losses)."""
+    def _batch_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mean, biased variance and sample count over the global batch, two passes (see
+        losses); all tensors, so a GPU step waits on no host round trip."""
         x = x.detach().float()
         total = self._sum_over_ranks(torch.cat([x.sum(0), x.new_full((1,), float(len(x)))]))
-        n = int(total[-1].item())
-        mean = total[:-1] / max(n, 1)
+        n = total[-1]
+        mean = total[:-1] / n.clamp(min=1)
         squares = self._sum_over_ranks(((x - mean) ** 2).sum(0))
-        return mean, squares / max(n, 1), n
+        return mean, squares / n.clamp(min=1), n
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mean, var = self.running_mean, self.running_var
         if self.training:
             batch_mean, batch_var, n = self._batch_moments(x)
-            if n >= 2:
-                with torch.no_grad():
-                    m = self.momentum
-                    self.running_mean.mul_(1 - m).add_(m * batch_mean)
-                    self.running_var.mul_(1 - m).add_(m * batch_var * n / (n - 1))
-                    self.num_batches_tracked += 1
-                mean, var = batch_mean, batch_var
+            enough = n >= 2  # a global batch of one keeps (and uses) the running statistics
+            with torch.no_grad():
+                m = self.momentum
+                unbiased = batch_var * n / (n - 1).clamp(min=1)
+                new_mean = (1 - m) * self.running_mean + m * batch_mean
+                new_var = (1 - m) * self.running_var + m * unbiased
+                mean = torch.where(enough, batch_mean, self.running_mean).clone()
+                var = torch.where(enough, batch_var, self.running_var).clone()
+                self.running_mean.copy_(torch.where(enough, new_mean, self.running_mean))
+                self.running_var.copy_(torch.where(enough, new_var, self.running_var))
+                self.num_batches_tracked += enough.long()
         return (x - mean.to(x.dtype)) / torch.sqrt(var.to(x.dtype) + self.eps)
 
 
