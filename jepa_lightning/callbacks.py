@@ -246,3 +246,30 @@ class RNGStateCheckpoint(L.Callback):
         random.setstate(state_dict["python"])
         if "cuda" in state_dict and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state_dict["cuda"])
+
+
+class TaskCollateHook(L.Callback):
+    """Installs the task's ``collate_hook()`` (e.g. JEPA's mask collator) as the data
+    module's ``collate_hook``, so masks are drawn in the loader workers.
+
+    Why a callback: the task and the data module stay unaware of each other, and the link
+    is made once where the program is assembled (the CLI adds this callback to every
+    trainer). At ``setup`` the rank is known (the collator seeds its mask stream with it)
+    and no loader has been built yet. A task without ``collate_hook`` and a data module
+    without the attribute are left alone; a task that needs one and a data module that
+    cannot take it is an error naming both.
+    """
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        make_hook = getattr(pl_module, "collate_hook", None)
+        if make_hook is None:
+            return
+        dm = getattr(trainer, "datamodule", None)
+        if dm is None or not hasattr(dm, "collate_hook"):
+            raise TypeError(
+                f"{type(pl_module).__name__} draws its masks in the data loaders, but the "
+                f"data module {type(dm).__name__} has no `collate_hook` attribute for it: use "
+                "CTEHRDataModule (or a subclass), or give yours a `collate_hook` its collate "
+                "function applies to each batch"
+            )
+        dm.collate_hook = make_hook()

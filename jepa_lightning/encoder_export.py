@@ -10,7 +10,6 @@ it worked in training; :meth:`PretrainedEncoder.embed` is exactly ``DiagnosisTas
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,10 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from jepa_lightning.checkpoints import CheckpointMismatchError, read_checkpoint
-
-PREFIXES = {"auto": ("target_encoder.", "encoder."), "target": ("target_encoder.",),
-            "context": ("encoder.",)}  # fmt: skip
+from jepa_lightning.pretrained import encoder_from_checkpoint
 
 
 @dataclass
@@ -72,35 +68,13 @@ def load_encoder(path: str | Path, encoder: str = "auto") -> PretrainedEncoder:
 
     ``encoder``: ``auto`` (the EMA target encoder where the method has one, JEPA and MSN,
     else the encoder), ``target`` or ``context``. Loading is strict."""
-    from jepa_lightning.backbones import MultimodalEncoder
-
-    if encoder not in PREFIXES:
-        raise ValueError(f"encoder must be one of {list(PREFIXES)}, got {encoder!r}")
-    ckpt = read_checkpoint(path, "load_encoder checkpoint")
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise CheckpointMismatchError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
-    hparams = dict(ckpt.get("hyper_parameters", {}))
-    sd = ckpt["state_dict"]
-    for prefix in PREFIXES[encoder]:
-        weights = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
-        if weights:
-            break
-    else:
-        raise CheckpointMismatchError(
-            f"checkpoint {path} has no {' or '.join(PREFIXES[encoder])} weights (top-level "
-            f"modules: {sorted({k.split('.')[0] for k in sd})})"
-        )
-    accepted = inspect.signature(MultimodalEncoder.__init__).parameters
-    kwargs = {k: v for k, v in hparams.items() if k in accepted and k != "grad_checkpointing"}
-    if "image_size" in hparams and "img_size" in accepted:
-        kwargs["img_size"] = hparams["image_size"]
-    module = MultimodalEncoder(**kwargs)
-    module.load_state_dict(weights, strict=True)
-    data = next((v for v in ckpt.values() if isinstance(v, dict) and "ehr_stats" in v), {})
+    module, hparams, data, source = encoder_from_checkpoint(
+        path, encoder, "load_encoder checkpoint"
+    )
     return PretrainedEncoder(
-        encoder=module.eval(),
+        encoder=module,
         hparams=hparams,
         preprocessing=data.get("preprocessing"),
         ehr_normalisation=data.get("ehr_stats"),
-        source=prefix.rstrip("."),
+        source=source,
     )

@@ -24,7 +24,12 @@ import data_modules.ct_ehr  # noqa: F401
 import data_modules.synthetic  # noqa: F401
 import jepa_lightning.tasks  # noqa: F401
 from jepa_lightning import __version__
-from jepa_lightning.callbacks import PredictionWriter, RNGStateCheckpoint, SelectingCheckpoint
+from jepa_lightning.callbacks import (
+    PredictionWriter,
+    RNGStateCheckpoint,
+    SelectingCheckpoint,
+    TaskCollateHook,
+)
 from jepa_lightning.checkpoints import (
     AtomicCheckpointIO,
     CorruptCheckpointError,
@@ -158,6 +163,8 @@ class JEPALightningCLI(LightningCLI):
             # collective then fails after `timeout` instead of hanging a job whose ranks
             # disagree, which SIGTERM cannot interrupt while a rank is inside the collective.
             trainer.strategy._timeout = timedelta(seconds=float(timeout))
+        # The task <-> data module link (JEPA's masks drawn in the loader workers), made here.
+        trainer.callbacks.append(TaskCollateHook())
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # same-folder write + rename
         return trainer

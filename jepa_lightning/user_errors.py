@@ -67,24 +67,70 @@ def _task_and_data_names() -> list[str]:
     def walk(cls: type) -> list[type]:
         return [c for sub in cls.__subclasses__() for c in (sub, *walk(sub))]
 
-    names = {c.__name__ for c in walk(BaseTask) + walk(L.LightningDataModule)}
+    from jepa_lightning.tasks import MomentumSSLTask, SSLTask
+
+    bases = {BaseTask, SSLTask, MomentumSSLTask}  # abstract: no method to run
+    names = {c.__name__ for c in walk(BaseTask) + walk(L.LightningDataModule) if c not in bases}
     return sorted(n for n in names if not n.startswith("_"))
 
 
 def _init_args(class_paths: list[str]) -> list[str]:
+    """The named ``__init__`` arguments of each class, following ``**kwargs`` up the MRO as
+    jsonargparse does (a task declares its own arguments and forwards the rest)."""
     names: list[str] = []
     for path in class_paths:
         module, _, name = path.rpartition(".")
         try:
             cls = getattr(importlib.import_module(module), name)
-            names += [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-        except (ImportError, AttributeError, ValueError, TypeError):
+        except (ImportError, AttributeError, ValueError):
             continue
-    return names
+        for klass in cls.__mro__:
+            if "__init__" not in vars(klass):
+                continue
+            try:
+                params = inspect.signature(klass.__init__).parameters.values()
+            except (ValueError, TypeError):
+                break
+            kinds = (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+            names += [p.name for p in params if p.name != "self" and p.kind not in kinds]
+            if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+                break
+    return list(dict.fromkeys(names))
+
+
+def _backbone_error(text: str, argv: list[str]) -> str | None:
+    """A bad ``backbone`` value (an unknown preset or field), named as such: jsonargparse
+    reports it as a failed Union of a class and a Literal, or as an unknown class_path."""
+    if 'Parser key "backbone"' not in text or "presets.Backbone" not in text:
+        return None
+    from jepa_lightning.backbones.presets import PRESETS, Backbone
+
+    fields = list(Backbone.__dataclass_fields__)
+    presets = ", ".join(PRESETS)
+    option = re.search(r"Option '([^']+)' is not accepted", text)
+    if option:
+        key = option.group(1)
+        close = difflib.get_close_matches(key, fields, n=3, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        return (
+            f"error: {_where(key, argv)}: unknown backbone field {key!r}{hint} Valid fields: "
+            f"{', '.join(fields)} (preset: {presets})."
+        )
+    value = re.search(r'Parser key "backbone":(?s:.*?)Given value: (.+)', text)
+    given = value.group(1).strip() if value else "?"
+    close = difflib.get_close_matches(given, list(PRESETS), n=2, cutoff=0.5)
+    hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+    return (
+        f"error: {_where(given, argv)}: backbone {given!r} is not a preset{hint}. Write one of "
+        f"{presets}, or a block such as {{preset: small, depth: 6}}."
+    )
 
 
 def config_error_message(text: str, argv: list[str]) -> str:
     """One paragraph for a jsonargparse error ``text`` of the command line ``argv``."""
+    backbone = _backbone_error(text, argv)
+    if backbone:
+        return backbone
     option = re.search(r"Option '([^']+)' is not accepted", text) or re.search(
         r'Key "([^"]+)" is not expected', text
     )

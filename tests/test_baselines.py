@@ -17,7 +17,7 @@ from tests.conftest import tiny_data_args
 METHODS = Path(__file__).resolve().parents[1] / "experiments" / "methods"
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 # A small backbone keeps every run to a few seconds; probe/finetune use the same sizes.
-SMALL = ["--model.init_args.embed_dim=48", "--model.init_args.depth=2"]
+SMALL = ["--model.init_args.backbone.embed_dim=48", "--model.init_args.backbone.depth=2"]
 # method config -> (encoder the probe loads by default, probe modalities)
 PRETRAIN = {
     "jepa": ("target_encoder", "image+ehr"),
@@ -105,7 +105,7 @@ def test_linear_probe_from_each_method_keeps_the_backbone_frozen(
     for name, value in cli.model.encoder.state_dict().items():
         assert torch.equal(value, sd[f"{prefix}.{name}"]), (method, name)
     assert not cli.model.encoder.training
-    fresh_head = DiagnosisTask(embed_dim=48, depth=2, n_ehr_features=12).head
+    fresh_head = DiagnosisTask(backbone={"embed_dim": 48, "depth": 2}, n_ehr_features=12).head
     assert cli.model.head[-1].weight.shape == fresh_head[-1].weight.shape
     (metrics,) = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="last")
     for cohort in ("internal", "external"):
@@ -162,9 +162,9 @@ def test_checkpoint_that_does_not_fit_names_file_and_missing_keys(
     with pytest.raises(CheckpointMismatchError, match=r"broken\.ckpt.*missing \['ehr\.identity'\]"):
         _fit("finetune", tmp_path, tiny_cohort, f"--model.init_args.init_from={broken}",
              "--trainer.max_epochs=0")  # fmt: skip
-    with pytest.raises(CheckpointMismatchError, match=r"depth.*--model.init_args.depth=2"):
+    with pytest.raises(CheckpointMismatchError, match=r"depth.*--model.init_args.backbone.depth=2"):
         _fit("finetune", tmp_path, tiny_cohort, f"--model.init_args.init_from={checkpoints['mae']}",
-             "--model.init_args.depth=3", "--trainer.max_epochs=0")  # fmt: skip
+             "--model.init_args.backbone.depth=3", "--trainer.max_epochs=0")  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -192,7 +192,7 @@ def _batch(n: int = 4, n_ehr: int = 12) -> dict:
 
 
 def test_msn_ehr_fuses_ehr_into_the_anchor_branch_only():
-    model = MSN(n_ehr_features=12, embed_dim=48, depth=1, use_ehr=True)
+    model = MSN(n_ehr_features=12, backbone={"embed_dim": 48, "depth": 1}, use_ehr=True)
     batch = _batch()
     other = dict(batch, ehr=batch["ehr"] + 1.0)
     torch.manual_seed(0)
@@ -236,11 +236,11 @@ def test_label_fraction_keeps_whole_patients_in_the_training_split(tiny_cohort):
 def test_msn_ema_updates_once_per_optimizer_step_with_accumulation(
     tiny_cohort, tmp_path, monkeypatch
 ):
-    from jepa_lightning.tasks.baselines import msn as msn_module
+    from jepa_lightning.tasks import momentum
 
     calls = []
-    real = msn_module.ema_update_
-    monkeypatch.setattr(msn_module, "ema_update_", lambda t, o, m: (calls.append(m), real(t, o, m)))
+    real = momentum.ema_update_
+    monkeypatch.setattr(momentum, "ema_update_", lambda t, o, m: (calls.append(m), real(t, o, m)))
     cli = _fit("msn", tmp_path, tiny_cohort, "--trainer.max_epochs=1", "--trainer.limit_train_batches=4",
                "--trainer.accumulate_grad_batches=2", "--trainer.limit_val_batches=0")  # fmt: skip
     assert cli.trainer.global_step == 2
@@ -251,7 +251,7 @@ def test_msn_ema_updates_once_per_optimizer_step_with_accumulation(
 def test_mae_encoder_sees_only_the_visible_patches_and_loss_only_the_hidden():
     from jepa_lightning.tasks import MAE
 
-    model = MAE(n_ehr_features=12, embed_dim=48, depth=1, mask_ratio=0.75)
+    model = MAE(n_ehr_features=12, backbone={"embed_dim": 48, "depth": 1}, mask_ratio=0.75)
     seen = []
     model.encoder.vit.blocks[0].register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
     batch = _batch()

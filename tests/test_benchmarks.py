@@ -71,12 +71,16 @@ def test_compile_blocks_keeps_state_dict_and_marks_every_block():
 def test_compile_flag_compiles_in_configure_model_once(cls, monkeypatch):
     calls = []
     monkeypatch.setattr(Block, "compile", lambda self, **kw: calls.append(kw))
-    task = cls(image_size=16, n_ehr_features=6, compile=True, **{k: TINY[k] for k in
+    task = cls(image_size=16, n_ehr_features=6, compile=True, backbone={k: TINY[k] for k in
                ("patch_size", "embed_dim", "depth", "num_heads")})  # fmt: skip
     task.configure_model()
     task.configure_model()  # Lightning may call it again (e.g. fit then test)
     assert len(calls) == len([m for m in task.modules() if isinstance(m, Block)]) > 0
-    off = cls(image_size=16, n_ehr_features=6, patch_size=4, embed_dim=24, depth=1, num_heads=2)
+    off = cls(
+        image_size=16,
+        n_ehr_features=6,
+        backbone={"patch_size": 4, "embed_dim": 24, "depth": 1, "num_heads": 2},
+    )
     calls.clear()
     off.configure_model()
     assert calls == []
@@ -108,7 +112,7 @@ def test_grad_checkpointing_from_the_cli_is_used_in_training(
                 "--trainer.fast_dev_run=true", "--trainer.enable_progress_bar=false",
                 "--model.init_args.grad_checkpointing=true"])  # fmt: skip
     assert cli.model.encoder.vit.grad_checkpointing
-    assert used["n"] >= cli.model.hparams.depth  # every encoder block, at least once
+    assert used["n"] >= cli.model.backbone.depth  # every encoder block, at least once
 
 
 def test_plain_loop_does_what_lightning_does():

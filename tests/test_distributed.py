@@ -94,7 +94,7 @@ def ddp_config(
         ],
     )
     cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(run)
-    cfg["model"]["init_args"].update(depth=2, **model)
+    cfg["model"]["init_args"].update(backbone={"depth": 2}, **model)
     cfg["data"] = {
         "class_path": "CTEHRDataModule",
         "init_args": {

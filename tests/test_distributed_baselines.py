@@ -45,7 +45,7 @@ def _config(method: str, manifest: Path, run: Path, callback: str, **trainer) ->
         callbacks=[{"class_path": callback}], **trainer,
     )  # fmt: skip
     cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(run)
-    cfg["model"]["init_args"].update(embed_dim=32, depth=1, num_heads=2)
+    cfg["model"]["init_args"].update(backbone={"embed_dim": 32, "depth": 1, "num_heads": 2})
     if "predictor_dim" in cfg["model"]["init_args"]:
         cfg["model"]["init_args"].update(predictor_dim=16, predictor_heads=2)
     cfg["data"] = {

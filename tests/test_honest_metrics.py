@@ -47,8 +47,8 @@ def test_one_class_test_cohort_is_nan_with_class_counts(tmp_path):
         ["fit", "--config", str(METHODS / "supervised_image.yaml"),
          "--config", str(tmp_path / "data.yaml"),
          f"--trainer.default_root_dir={run}", f"--trainer.logger.init_args.save_dir={run}",
-         "--trainer.max_epochs=1", "--model.init_args.embed_dim=32",
-         "--model.init_args.depth=1", *QUIET]
+         "--trainer.max_epochs=1", "--model.init_args.backbone.embed_dim=32",
+         "--model.init_args.backbone.depth=1", *QUIET]
     )  # fmt: skip
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -28,7 +28,7 @@ from jepa_lightning.schedules import (
     warmup_stable_decay,
 )
 from jepa_lightning.tasks import MultimodalJEPA
-from jepa_lightning.tasks.base import SyncedStandardize
+from jepa_lightning.tasks.probe import SyncedStandardize
 from jepa_lightning.tasks.references import offline_probe_auroc
 
 DIRS = sigreg_directions(32, 64, seed=0)
@@ -225,8 +225,8 @@ def test_centring_keeps_content_that_differs_between_samples():
 
 
 def _task(**kw) -> MultimodalJEPA:
-    args = dict(image_size=16, n_ehr_features=6, patch_size=8, embed_dim=24, depth=1,
-                num_heads=2, predictor_dim=12, predictor_depth=1, predictor_heads=2)  # fmt: skip
+    args = dict(image_size=16, n_ehr_features=6,
+                backbone={"patch_size": 8, "embed_dim": 24, "depth": 1, "num_heads": 2}, predictor_dim=12, predictor_depth=1, predictor_heads=2)  # fmt: skip
     return MultimodalJEPA(**{**args, **kw})
 
 
@@ -374,8 +374,8 @@ def test_one_class_validation_labels_log_nan_auroc_with_a_warning(caplog):
     """torchmetrics gives 0.0 for a one-class AUROC; the probe logs NaN (undefined) instead."""
     from torchmetrics.classification import BinaryAUROC
 
-    task = MultimodalJEPA(image_size=16, patch_size=8, n_ehr_features=4, embed_dim=16, depth=1,
-                          num_heads=2, predictor_dim=8, predictor_depth=1, predictor_heads=2)  # fmt: skip
+    task = MultimodalJEPA(image_size=16, n_ehr_features=4, backbone={"patch_size": 8, "embed_dim": 16,
+                          "depth": 1, "num_heads": 2}, predictor_dim=8, predictor_depth=1, predictor_heads=2)  # fmt: skip
     logged = {}
     task.log = lambda name, value, **kw: logged.__setitem__(name, float(value))
     metric = BinaryAUROC()
@@ -406,8 +406,8 @@ def test_sigreg_standardized_ignores_scale_and_offset_but_not_anisotropy():
 
 def test_sigreg_sees_the_full_image_embedding_not_the_masked_context():
     """sigreg_input=full: the regularised embedding does not depend on the JEPA mask."""
-    task = MultimodalJEPA(image_size=16, patch_size=8, n_ehr_features=4, embed_dim=16, depth=1,
-                          num_heads=2, predictor_dim=8, predictor_depth=1, predictor_heads=2,
+    task = MultimodalJEPA(image_size=16, n_ehr_features=4, backbone={"patch_size": 8, "embed_dim": 16,
+                          "depth": 1, "num_heads": 2}, predictor_dim=8, predictor_depth=1, predictor_heads=2,
                           sigreg_weight=1.0)  # fmt: skip
     batch = {"image": torch.randn(4, 1, 16, 16, 16), "ehr": torch.randn(4, 4),
              "ehr_missing": torch.zeros(4, 4, dtype=torch.bool)}  # fmt: skip

@@ -12,8 +12,8 @@ from jepa_lightning.evaluation.latent_audit import IMAGE_FACTORS, main, ridge_r2
 from jepa_lightning.tasks import MultimodalJEPA
 from tests.conftest import TINY
 
-SMALL = dict(image_size=32, patch_size=8, n_ehr_features=TINY["n_ehr_features"], embed_dim=16,
-             depth=1, num_heads=2, predictor_dim=8, predictor_depth=1, predictor_heads=2)  # fmt: skip
+SMALL = dict(image_size=32, n_ehr_features=TINY["n_ehr_features"],
+             backbone={"patch_size": 8, "embed_dim": 16, "depth": 1, "num_heads": 2}, predictor_dim=8, predictor_depth=1, predictor_heads=2)  # fmt: skip
 
 
 def _files(tmp_path, tiny_cohort, model: MultimodalJEPA):

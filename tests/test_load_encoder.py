@@ -16,7 +16,6 @@ import jepa_lightning
 from jepa_lightning.embed import main as embed_main
 from jepa_lightning.main import main
 from jepa_lightning.tasks import DiagnosisTask
-from jepa_lightning.tasks.diagnosis import BACKBONE_KEYS
 from tests.ct_fixtures import nifti_archive
 
 METHODS = Path(__file__).resolve().parents[1] / "experiments" / "methods"
@@ -35,7 +34,7 @@ def pretrained(tmp_path_factory) -> tuple[Path, Path, object]:
     cli = main(["fit", "--config", str(METHODS / "msn_ehr.yaml"), "--config", str(data),
                 f"--trainer.default_root_dir={run}", f"--trainer.logger.init_args.save_dir={run}",
                 "--trainer.max_epochs=1", "--trainer.limit_val_batches=1",
-                "--model.init_args.embed_dim=32", "--model.init_args.depth=1", *QUIET])  # fmt: skip
+                "--model.init_args.backbone.embed_dim=32", "--model.init_args.backbone.depth=1", *QUIET])  # fmt: skip
     return run / "checkpoints" / "last.ckpt", manifest, cli
 
 
@@ -61,7 +60,10 @@ def test_embed_command_gives_the_training_code_path_embeddings(pretrained, tmp_p
     # the training code path: DiagnosisTask initialised from the checkpoint, on the data
     # module the pretraining CLI built (same preprocessing and EHR statistics)
     hp = cli.model.hparams
-    task = DiagnosisTask(modalities="image", **{k: hp[k] for k in BACKBONE_KEYS})
+    task = DiagnosisTask(
+        modalities="image",
+        **{k: hp[k] for k in ("image_size", "n_ehr_features", "backbone")},
+    )
     task.initialise_from_checkpoint(str(ckpt))
     task.eval()
     dm = cli.datamodule

@@ -462,8 +462,8 @@ def test_mae_and_msn_draw_step_masks_from_the_given_generator():
         "label": torch.tensor([0.0, 1.0]),
     }
     for model in (
-        MAE(n_ehr_features=12, embed_dim=48, depth=1),
-        MSN(n_ehr_features=12, embed_dim=48, depth=1),
+        MAE(n_ehr_features=12, backbone={"embed_dim": 48, "depth": 1}),
+        MSN(n_ehr_features=12, backbone={"embed_dim": 48, "depth": 1}),
     ):
         model.eval()
         with torch.no_grad():

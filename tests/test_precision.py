@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from jepa_lightning.backbones import fusion
+from jepa_lightning.backbones import multimodal_encoder
 from jepa_lightning.main import main
 from jepa_lightning.tasks import jepa as jepa_module
 from tests.conftest import tiny_data_args
@@ -17,7 +17,7 @@ PRETRAIN = str(Path(__file__).resolve().parents[1] / "experiments" / "quickstart
 
 def test_bf16_mixed_pretraining_keeps_losses_and_ema_in_fp32(tiny_cohort, tmp_path, monkeypatch):
     dtypes: dict[str, set] = {"encoder": set(), "loss": set()}
-    real_forward = fusion.MultimodalEncoder.forward
+    real_forward = multimodal_encoder.MultimodalEncoder.forward
     real_loss = jepa_module.latent_regression_loss
 
     def forward(self, *args, **kwargs):
@@ -30,14 +30,14 @@ def test_bf16_mixed_pretraining_keeps_losses_and_ema_in_fp32(tiny_cohort, tmp_pa
         dtypes["loss"].add(out.dtype)
         return out
 
-    monkeypatch.setattr(fusion.MultimodalEncoder, "forward", forward)
+    monkeypatch.setattr(multimodal_encoder.MultimodalEncoder, "forward", forward)
     monkeypatch.setattr(jepa_module, "latent_regression_loss", loss)
     cli = main(["fit", "--config", PRETRAIN, *tiny_data_args(tiny_cohort),
                 f"--trainer.default_root_dir={tmp_path}",
                 f"--trainer.logger.init_args.save_dir={tmp_path}",
                 "--trainer.precision=bf16-mixed", "--trainer.max_steps=3",
                 "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
-                "--model.init_args.depth=1", "--model.init_args.embed_dim=32",
+                "--model.init_args.backbone.depth=1", "--model.init_args.backbone.embed_dim=32",
                 "--model.init_args.predictor_dim=16"])  # fmt: skip
     assert cli.trainer.global_step == 3
     assert dtypes["encoder"] == {torch.bfloat16}  # the encoders ran under bf16 autocast

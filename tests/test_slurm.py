@@ -122,7 +122,7 @@ def job_config(tmp: Path, cohort: Path, run: Path, max_steps: int) -> Path:
             {"class_path": "tests.rank_recorder.StepLossLog", "init_args": {"path": f"{run}.steps"}},
         ],
     )  # fmt: skip
-    cfg["model"]["init_args"].update(depth=2)
+    cfg["model"]["init_args"].update(backbone={"depth": 2})
     cfg["data"]["init_args"].update(
         root=str(cohort), n_patients=TINY["n_patients"], n_external=TINY["n_external"],
         labeled_fraction=TINY["labeled_fraction"], n_ehr_features=TINY["n_ehr_features"],

@@ -21,9 +21,9 @@ from tests.ct_fixtures import nifti_archive
 METHODS = Path(__file__).resolve().parents[1] / "experiments" / "methods"
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 SMALL = [
-    "--model.init_args.embed_dim=48",
-    "--model.init_args.depth=1",
-    "--model.init_args.patch_size=8",
+    "--model.init_args.backbone.embed_dim=48",
+    "--model.init_args.backbone.depth=1",
+    "--model.init_args.backbone.patch_size=8",
 ]
 
 

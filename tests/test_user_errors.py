@@ -27,12 +27,12 @@ def _console(*argv: str) -> subprocess.CompletedProcess:
 
 def test_yaml_typo_names_the_file_and_close_matches(tmp_path):
     typo = tmp_path / "mine.yaml"
-    typo.write_text("model:\n  init_args:\n    embed_dimm: 3\n")
+    typo.write_text("model:\n  init_args:\n    me_max_weigth: 3\n")
     proc = _console("fit", "--config", MSN, "--config", str(typo), "--print_config")
     assert proc.returncode == 2
     err = proc.stderr.strip()
-    assert err.startswith(f"error: {typo}: unknown option 'embed_dimm' of MSN; did you mean")
-    assert "'embed_dim'" in err and len(err.splitlines()) == 1 and "usage" not in err
+    assert err.startswith(f"error: {typo}: unknown option 'me_max_weigth' of MSN; did you mean")
+    assert "'me_max_weight'" in err and len(err.splitlines()) == 1 and "usage" not in err
 
 
 def test_misspelled_class_name_lists_the_valid_names(tmp_path):
@@ -85,7 +85,7 @@ def test_init_from_mismatch_is_one_message_without_traceback(tmp_path):
     main(["fit", "--config", MSN, "--config", str(data), f"--trainer.default_root_dir={run}",
           f"--trainer.logger.init_args.save_dir={run}", "--trainer.max_epochs=1",
           "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1",
-          "--model.init_args.embed_dim=32", "--model.init_args.depth=1", *QUIET])  # fmt: skip
+          "--model.init_args.backbone.embed_dim=32", "--model.init_args.backbone.depth=1", *QUIET])  # fmt: skip
     proc = _console(
         "fit", "--config", str(ROOT / "experiments" / "methods" / "linear_probe.yaml"),
         "--config", str(data), f"--trainer.default_root_dir={tmp_path / 'probe'}",
@@ -96,7 +96,7 @@ def test_init_from_mismatch_is_one_message_without_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: checkpoint ") and "different backbone" in last
-    assert "--model.init_args.embed_dim=32" in last
+    assert "--model.init_args.backbone.embed_dim=32" in last
 
 
 def test_rerun_into_the_same_folder_with_another_logger_keeps_both_configs(tmp_path):
@@ -104,8 +104,8 @@ def test_rerun_into_the_same_folder_with_another_logger_keeps_both_configs(tmp_p
     run = tmp_path / "run"
     common = ["fit", "--config", MSN, "--config", str(data), f"--trainer.default_root_dir={run}",
               "--trainer.max_epochs=1", "--trainer.limit_train_batches=1",
-              "--trainer.limit_val_batches=1", "--model.init_args.embed_dim=32",
-              "--model.init_args.depth=1", *QUIET]  # fmt: skip
+              "--trainer.limit_val_batches=1", "--model.init_args.backbone.embed_dim=32",
+              "--model.init_args.backbone.depth=1", *QUIET]  # fmt: skip
     main([*common, "--trainer.logger=false"])
     main([*common, "--trainer.logger=false", "--trainer.max_epochs=2"])
     assert (run / "config.yaml").exists() and (run / "config_1.yaml").exists()

@@ -101,7 +101,7 @@ def test_wandb_logger_run_logs_the_resolved_config(tiny_cohort, tmp_path, monkey
                 f"--trainer.default_root_dir={tmp_path}",
                 f"--trainer.logger.init_args.save_dir={tmp_path / 'wandb'}",
                 "--trainer.logger.init_args.tags=[test,ci]", "--trainer.max_steps=1",
-                "--trainer.limit_val_batches=0", "--model.init_args.depth=1",
+                "--trainer.limit_val_batches=0", "--model.init_args.backbone.depth=1",
                 "--trainer.enable_progress_bar=false"])  # fmt: skip
     logger = cli.trainer.logger
     assert isinstance(logger, WandbLogger)

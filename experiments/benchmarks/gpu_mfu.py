@@ -117,8 +117,8 @@ def run(batch: int = 32, steps: int = 20, warmup: int = 5, size: int = 128,
         "benchmark": "gpu_mfu",
         "device": name,
         "config": (
-            f"JEPA, ViT dim {task.encoder.embed_dim} depth {task.hparams.depth} patch "
-            f"{task.hparams.patch_size}, {size}^3 ({task.encoder.num_patches} tokens), "
+            f"JEPA, ViT dim {task.encoder.embed_dim} depth {task.backbone.depth} patch "
+            f"{task.backbone.patch_size}, {size}^3 ({task.encoder.num_patches} tokens), "
             f"batch {batch}, bf16-mixed, compile {compile}"
         ),
         "samples_per_s": round(batch * steps / seconds, 1),

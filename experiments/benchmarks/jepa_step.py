@@ -20,6 +20,8 @@ import yaml
 from torch.utils.data import DataLoader
 
 from experiments.benchmarks.common import Clock, intervals
+from jepa_lightning.backbones import as_backbone
+from jepa_lightning.backbones.presets import ARCHITECTURE_FIELDS
 from jepa_lightning.schedules import ema_momentum, ema_start_for_share, ema_update_, warmup_cosine
 from jepa_lightning.tasks import MultimodalJEPA
 
@@ -35,7 +37,10 @@ MODEL_KEYS = (
 def quickstart_config() -> dict[str, Any]:
     """Model and data settings of the quickstart pretraining YAML (model + image/batch/workers)."""
     cfg = yaml.safe_load(QUICKSTART_YAML.read_text())
-    model = {k: v for k, v in cfg["model"]["init_args"].items() if k in MODEL_KEYS}
+    init_args = cfg["model"]["init_args"]
+    arch = as_backbone(init_args.get("backbone")).as_dict()  # flat keys, for the printouts
+    arch.pop("preset")
+    model = {**arch, **{k: v for k, v in init_args.items() if k in MODEL_KEYS}}
     data = cfg["data"]["init_args"]
     return {
         "model": model,
@@ -47,7 +52,12 @@ def quickstart_config() -> dict[str, Any]:
 
 
 def build_task(image_size: int, n_ehr_features: int, seed: int = 0, **model: Any) -> MultimodalJEPA:
+    """A JEPA task; the benchmarks' flat architecture keys (``embed_dim=384, depth=6``) are
+    folded into its ``backbone`` block (starting from the ``micro`` preset)."""
     torch.manual_seed(seed)
+    arch = {k: model.pop(k) for k in ARCHITECTURE_FIELDS if k in model}
+    if arch:
+        model["backbone"] = {**as_backbone(model.get("backbone")).as_dict(), **arch}
     return MultimodalJEPA(image_size=image_size, n_ehr_features=n_ehr_features, **model)
 
 
@@ -108,7 +118,7 @@ class PlainJEPALoop:
     def step(self, batch: dict) -> torch.Tensor:
         task = self.task
         out = task.jepa_losses(batch)
-        loss = out["loss"] + task.probe_losses(out, batch["label"])
+        loss = out["loss"] + task.probe_loss(out, batch["label"])
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from jepa_lightning.backbones.fusion import EHR, IMAGE
+from jepa_lightning.backbones.multimodal_encoder import EHR, IMAGE
 from jepa_lightning.backbones.vit3d import (
     Block,
     Size3,

@@ -38,12 +38,7 @@ from matplotlib.patches import Rectangle  # noqa: E402
 
 from data_modules.ct_ehr import CTEHRDataModule  # noqa: E402
 from jepa_lightning.backbones import MultimodalEncoder  # noqa: E402
-from jepa_lightning.checkpoints import read_checkpoint  # noqa: E402
-from jepa_lightning.tasks.diagnosis import (  # noqa: E402
-    BACKBONE_KEYS,
-    CheckpointMismatchError,
-    load_pretrained_encoder,
-)
+from jepa_lightning.pretrained import encoder_from_checkpoint  # noqa: E402
 
 
 def load_encoder(
@@ -53,30 +48,11 @@ def load_encoder(
 
     ``which='target'`` takes the EMA target encoder where there is one (what downstream
     tasks load), ``'online'`` the trained context encoder."""
-    path = Path(path)
-    ckpt = read_checkpoint(path, "--ckpt")
-    hparams = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
-    missing = [k for k in BACKBONE_KEYS if k not in hparams]
-    if missing:
-        raise CheckpointMismatchError(
-            f"--ckpt {path} records no backbone hyperparameters {missing}: use a checkpoint "
-            "written by this framework"
-        )
-    expected = {k: hparams[k] for k in BACKBONE_KEYS}
-    weights, data_state = load_pretrained_encoder(path, expected)
-    if which == "online":
-        sd = ckpt["state_dict"]
-        weights = {k[len("encoder.") :]: v for k, v in sd.items() if k.startswith("encoder.")}
-        if not weights:
-            raise CheckpointMismatchError(f"--ckpt {path} has no online 'encoder.' weights")
-    elif which != "target":
+    kinds = {"target": "auto", "online": "context"}
+    if which not in kinds:
         raise ValueError(f"--encoder must be 'target' or 'online', got {which!r}")
-    encoder = MultimodalEncoder(
-        hparams["image_size"], hparams["patch_size"], hparams["n_ehr_features"],
-        hparams["embed_dim"], hparams["depth"], hparams["num_heads"], hparams["mlp_ratio"],
-    )  # fmt: skip
-    encoder.load_state_dict(weights, strict=True)
-    return encoder.eval(), expected, data_state
+    encoder, hparams, data_state, _ = encoder_from_checkpoint(path, kinds[which], "--ckpt")
+    return encoder, hparams, data_state or None
 
 
 def patch_embeddings(

@@ -1,8 +1,24 @@
-"""LightningModules. Each task builds on the shared backbones; none reads files of data."""
+"""LightningModules. Each task builds on the shared backbones; none reads files of data.
+
+``BaseTask`` (encoder + optimizer arguments) <- ``SSLTask`` (online probes, collapse
+monitors, references) <- ``MomentumSSLTask`` (EMA targets) <- ``MultimodalJEPA``, ``MSN``;
+``SSLTask`` <- ``MAE``, ``ImageEHRContrastive``; ``BaseTask`` <- ``DiagnosisTask``.
+"""
 
 from jepa_lightning.tasks.base import BaseTask
 from jepa_lightning.tasks.baselines import MAE, MSN, ImageEHRContrastive
 from jepa_lightning.tasks.diagnosis import DiagnosisTask
 from jepa_lightning.tasks.jepa import MultimodalJEPA
+from jepa_lightning.tasks.momentum import MomentumSSLTask
+from jepa_lightning.tasks.ssl import SSLTask
 
-__all__ = ["MAE", "MSN", "BaseTask", "DiagnosisTask", "ImageEHRContrastive", "MultimodalJEPA"]
+__all__ = [
+    "MAE",
+    "MSN",
+    "BaseTask",
+    "DiagnosisTask",
+    "ImageEHRContrastive",
+    "MomentumSSLTask",
+    "MultimodalJEPA",
+    "SSLTask",
+]

@@ -1,4 +1,10 @@
-"""What every task shares: optimizer groups, a per-step warmup + cosine schedule, LR scaling."""
+"""What every task shares: the encoder's configuration, optimizer groups, a per-step warmup +
+cosine schedule, LR scaling, and the DDP-safe helpers for evaluation decisions.
+
+Every task takes these arguments through ``**kwargs`` (jsonargparse follows the
+``super().__init__`` call, so the CLI and ``--print_config`` list them for each task): a
+YAML writes them the same way for every method, and they are declared once, here.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,8 @@ import lightning as L
 import torch
 from torch import nn
 
+from jepa_lightning.backbones import Backbone, MultimodalEncoder, as_backbone
+from jepa_lightning.backbones.presets import PresetName
 from jepa_lightning.backbones.vit3d import compile_blocks
 from jepa_lightning.schedules import cosine_ramp, warmup_cosine, warmup_stable_decay
 
@@ -45,85 +53,20 @@ def decay_groups(
     return [g for g in groups if g["params"]]
 
 
-class SyncedStandardize(nn.Module):
-    """Per-feature standardisation with batch statistics summed over all DDP ranks, and
-    running statistics for evaluation (a batch norm without affine parameters).
-
-    Why not ``nn.BatchNorm1d``: each rank would update its running statistics from its own
-    batch, so after training the replicas (and the checkpoints each rank would write) differ
-    and each rank evaluates its probe with a different normalisation. ``nn.SyncBatchNorm``
-    runs on GPUs only. The input is detached (probe features), so the statistics need no
-    gradient. In training every rank takes part in the one all-reduce per call (a rank with
-    fewer than two samples contributes what it has); a global batch of fewer than two uses
-    the running statistics.
-    """
-
-    def __init__(self, num_features: int, momentum: float = 0.1, eps: float = 1e-5):
-        super().__init__()
-        self.momentum, self.eps = momentum, eps
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
-
-    @staticmethod
-    def _sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(t)
-        return t
-
-    @torch.no_grad()
-    def _batch_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Mean, biased variance and sample count over the global batch, two passes (see
-        losses); all tensors, so a GPU step waits on no host round trip."""
-        x = x.detach().float()
-        total = self._sum_over_ranks(torch.cat([x.sum(0), x.new_full((1,), float(len(x)))]))
-        n = total[-1]
-        mean = total[:-1] / n.clamp(min=1)
-        squares = self._sum_over_ranks(((x - mean) ** 2).sum(0))
-        return mean, squares / n.clamp(min=1), n
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean, var = self.running_mean, self.running_var
-        if self.training:
-            batch_mean, batch_var, n = self._batch_moments(x)
-            enough = n >= 2  # a global batch of one keeps (and uses) the running statistics
-            with torch.no_grad():
-                m = self.momentum
-                unbiased = batch_var * n / (n - 1).clamp(min=1)
-                new_mean = (1 - m) * self.running_mean + m * batch_mean
-                new_var = (1 - m) * self.running_var + m * unbiased
-                mean = torch.where(enough, batch_mean, self.running_mean).clone()
-                var = torch.where(enough, batch_var, self.running_var).clone()
-                self.running_mean.copy_(torch.where(enough, new_mean, self.running_mean))
-                self.running_var.copy_(torch.where(enough, new_var, self.running_var))
-                self.num_batches_tracked += enough.long()
-        return (x - mean.to(x.dtype)) / torch.sqrt(var.to(x.dtype) + self.eps)
-
-
-class OnlineProbe(nn.Module):
-    """Linear probe on standardised features: :class:`SyncedStandardize`, then a linear layer.
-
-    Why: the online probe is fitted by SGD beside the encoder, whose feature scale moves
-    (a standardised SIGReg leaves it free; at random init the pooled std is ~0.006). On
-    raw features the probe's AUROC then tracks the scale, not the content; standardised,
-    it tracks what is linearly there (MAE's linear probe does the same).
-    """
-
-    def __init__(self, in_features: int):
-        super().__init__()
-        self.norm = SyncedStandardize(in_features)
-        self.linear = nn.Linear(in_features, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.norm(x))
-
-
 class BaseTask(L.LightningModule):
-    """AdamW with decay groups and a warmup + cosine (or warmup-stable-decay) LR updated every
-    optimizer step.
+    """A task on the shared multimodal encoder, trained by AdamW with decay groups and a
+    warmup + cosine (or warmup-stable-decay) LR updated every optimizer step.
 
     Args:
+        image_size: volume size (D, H, W); linked from the data module by the CLI.
+        n_ehr_features: EHR vector length; linked from the data module by the CLI.
+        backbone: the encoder's architecture, a preset name (``micro``, ``tiny``, ``small``,
+            ``base``, ``large``) or a :class:`~jepa_lightning.backbones.Backbone` block with
+            fields overridden (``{preset: small, depth: 6}``); a finetuning model must match
+            the one its ``init_from`` checkpoint was trained with.
+        grad_checkpointing: trade compute for activation memory in the encoders.
+        compile: ``torch.compile`` the transformer blocks in ``configure_model``;
+            checkpoints are unchanged.
         lr: peak learning rate (per ``base_batch_size`` samples when that is set).
         weight_decay: AdamW decoupled weight decay on weight matrices only.
         warmup_fraction: share of all optimizer steps spent in linear warmup.
@@ -139,6 +82,11 @@ class BaseTask(L.LightningModule):
 
     def __init__(
         self,
+        image_size: int | list[int] = 32,
+        n_ehr_features: int = 32,
+        backbone: Backbone | PresetName = "micro",
+        grad_checkpointing: bool = False,
+        compile: bool = False,
         lr: float = 1e-3,
         weight_decay: float = 0.05,
         warmup_fraction: float = 0.1,
@@ -153,6 +101,11 @@ class BaseTask(L.LightningModule):
             raise ValueError(f"lr_schedule must be 'cosine' or 'wsd', got {lr_schedule!r}")
         if not 0.0 < decay_fraction <= 1.0:
             raise ValueError(f"decay_fraction={decay_fraction} must be in (0, 1]")
+        # Collects this call's arguments and the subclass's (Lightning walks the __init__
+        # frames), so every task's checkpoint records the backbone and the optimizer alike.
+        self.save_hyperparameters()
+        self.backbone = as_backbone(backbone)
+        self.hparams["backbone"] = self.backbone.as_dict()  # plain types: weights_only loads
         self.lr = lr
         self.weight_decay = weight_decay
         self.warmup_fraction = warmup_fraction
@@ -161,6 +114,18 @@ class BaseTask(L.LightningModule):
         self.lr_schedule = lr_schedule
         self.decay_fraction = decay_fraction
         self.weight_decay_end = weight_decay_end
+
+    @property
+    def embed_dim(self) -> int:
+        return self.backbone.embed_dim
+
+    def build_encoder(self, residual_rescale: bool = False) -> MultimodalEncoder:
+        """The shared encoder of this task's backbone and data sizes (every task builds its
+        encoder here, so a pretrained state dict loads into a finetuning model key for key)."""
+        h = self.hparams
+        return MultimodalEncoder.from_backbone(
+            h.image_size, h.n_ehr_features, self.backbone, h.grad_checkpointing, residual_rescale
+        )
 
     def configure_model(self) -> None:
         """``compile: true`` on a task compiles its transformer blocks here (once, before the
@@ -175,11 +140,13 @@ class BaseTask(L.LightningModule):
         return decay_groups(self.named_parameters(), self.weight_decay)
 
     def global_batch_size(self) -> int | None:
-        dm = getattr(self.trainer, "datamodule", None)
-        per_device = getattr(dm, "batch_size", None)
+        """Samples per optimizer step over all ranks, from the training loader the trainer
+        built (``estimated_stepping_batches`` has built it by the time the optimizer is)."""
+        t = self.trainer
+        int(t.estimated_stepping_batches)  # makes the trainer set up its training loader
+        per_device = getattr(t.train_dataloader, "batch_size", None)
         if per_device is None:
             return None
-        t = self.trainer
         return per_device * t.world_size * t.accumulate_grad_batches
 
     def peak_lr(self) -> float:
@@ -187,7 +154,10 @@ class BaseTask(L.LightningModule):
             return self.lr
         global_batch = self.global_batch_size()
         if global_batch is None:
-            raise ValueError("base_batch_size is set but the data module exposes no batch_size")
+            raise ValueError(
+                "base_batch_size is set but the training loader has no fixed batch_size "
+                "(a batch_sampler): set lr for the global batch and leave base_batch_size unset"
+            )
         return self.lr * global_batch / self.base_batch_size
 
     def configure_optimizers(self):

@@ -4,7 +4,6 @@ linear probe (frozen backbone) or full finetune."""
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -13,109 +12,12 @@ from torch import nn
 from torchmetrics import MeanMetric, MetricCollection, SumMetric
 from torchmetrics.classification import BinaryAUROC, BinaryAveragePrecision
 
-from jepa_lightning.backbones import MultimodalEncoder
-from jepa_lightning.backbones.vit3d import as_size3
-from jepa_lightning.checkpoints import CheckpointMismatchError, read_checkpoint
+from jepa_lightning.checkpoints import CheckpointMismatchError
 from jepa_lightning.losses import masked_bce_with_logits
+from jepa_lightning.pretrained import architecture, load_pretrained_encoder
 from jepa_lightning.tasks.base import BaseTask, decay_groups
 
 log = logging.getLogger(__name__)
-
-# Hyperparameters that must agree between a pretrained checkpoint and the finetuning model.
-BACKBONE_KEYS = (
-    "image_size",
-    "patch_size",
-    "n_ehr_features",
-    "embed_dim",
-    "depth",
-    "num_heads",
-    "mlp_ratio",
-)
-
-
-LINKED_FROM_DATA = {
-    "image_size": "data.init_args.image_size",
-    "n_ehr_features": "the data's EHR columns",
-}
-
-
-def _norm(key: str, value: Any) -> Any:
-    """Compare like with like: ``32`` and ``[32, 32, 32]`` are the same size."""
-    if key in ("image_size", "patch_size") and value is not None:
-        return list(as_size3(value))
-    return value
-
-
-# Which encoder of a pretraining checkpoint initialises the backbone (``init_from_encoder``).
-ENCODER_PREFIXES = {
-    "auto": ("target_encoder.", "encoder."),  # the EMA target when the method has one
-    "target": ("target_encoder.",),
-    "context": ("encoder.",),
-}
-
-
-def load_pretrained_encoder(
-    path: str | Path, expected: dict[str, Any], encoder: str = "auto"
-) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    """The encoder weights of a checkpoint and the data module state it was trained with.
-
-    ``encoder``: ``auto`` takes the EMA target encoder when there is one (JEPA, MSN) and
-    the encoder otherwise (MAE, CLIP, DiagnosisTask); ``target`` / ``context`` insist on
-    one. Refuses, with the differing keys, a checkpoint whose backbone hyperparameters
-    differ from ``expected``."""
-    if encoder not in ENCODER_PREFIXES:
-        raise ValueError(
-            f"init_from_encoder must be one of {list(ENCODER_PREFIXES)}, got {encoder!r}"
-        )
-    path = Path(path)
-    ckpt = read_checkpoint(path, "init_from checkpoint")
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise CheckpointMismatchError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
-    hparams = ckpt.get("hyper_parameters", {})
-    absent = [k for k in BACKBONE_KEYS if k not in hparams]
-    if absent:
-        raise CheckpointMismatchError(
-            f"checkpoint {path} does not record the backbone hyperparameters {absent}, so it "
-            "cannot be checked against this model; use a checkpoint written by this framework"
-        )
-    differing = {
-        k: (hparams[k], expected[k])
-        for k in BACKBONE_KEYS
-        if _norm(k, hparams[k]) != _norm(k, expected[k])
-    }
-    if differing:
-        hint = " ".join(
-            f"{LINKED_FROM_DATA[k]}={v[0]}"
-            if k in LINKED_FROM_DATA
-            else f"--model.init_args.{k}={v[0]}"
-            for k, v in differing.items()
-        )
-        raise CheckpointMismatchError(
-            f"checkpoint {path} was trained with a different backbone "
-            f"(checkpoint vs this model: {differing}); set {hint}"
-        )
-    sd = ckpt["state_dict"]
-    for prefix in ENCODER_PREFIXES[encoder]:
-        weights = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
-        if weights:
-            log.info("init_from %s: loading its '%s*' weights", path, prefix)
-            break
-    else:
-        heads = sorted({k.split(".")[0] for k in sd})
-        if encoder == "target" and "encoder" in heads:
-            raise CheckpointMismatchError(
-                f"checkpoint {path} has no EMA target encoder ('target_encoder.*'; top-level "
-                f"modules: {heads}): its method has none (MAE, CLIP, supervised); set "
-                "init_from_encoder: context (or auto)"
-            )
-        raise CheckpointMismatchError(
-            f"checkpoint {path} has no encoder weights (no "
-            f"{' or '.join(repr(p + '*') for p in ENCODER_PREFIXES[encoder])} keys; top-level "
-            f"modules: {heads}); expected a checkpoint of a jepa-lightning "
-            "pretraining task (MultimodalJEPA, MAE, MSN, ImageEHRContrastive) or DiagnosisTask"
-        )
-    dm_state = next((v for v in ckpt.values() if isinstance(v, dict) and "ehr_stats" in v), None)
-    return weights, dm_state
 
 
 def binary_metrics() -> MetricCollection:
@@ -132,7 +34,6 @@ class DiagnosisTask(BaseTask):
     """Binary diagnosis (e.g. nodule malignancy) on the shared multimodal encoder.
 
     Args:
-        image_size / n_ehr_features: linked from the data module by the CLI.
         modalities: what the model sees: ``image``, ``ehr`` or ``image+ehr``.
         init_from: a pretraining (MultimodalJEPA, MAE, MSN, ImageEHRContrastive) or
             DiagnosisTask checkpoint; its encoder (see ``init_from_encoder``) initialises the
@@ -144,48 +45,30 @@ class DiagnosisTask(BaseTask):
         freeze_backbone: linear probing: the backbone stays frozen and in eval mode.
         backbone_lr_mult: backbone LR as a fraction of the head's when finetuning.
         head_dropout: dropout before the linear head.
-        patch_size / embed_dim / depth / num_heads / mlp_ratio: must match ``init_from``.
-        grad_checkpointing: trade compute for activation memory in the encoder.
-        compile: ``torch.compile`` the encoder's transformer blocks in ``configure_model``.
+        **kwargs: the backbone (must match ``init_from``'s) and the optimizer
+            (:class:`BaseTask`).
     """
 
     def __init__(
         self,
-        image_size: int | list[int] = 32,
-        n_ehr_features: int = 32,
         modalities: Literal["image", "ehr", "image+ehr"] = "image+ehr",
         init_from: str | None = None,
         init_from_encoder: Literal["auto", "target", "context"] = "auto",
         freeze_backbone: bool = False,
         backbone_lr_mult: float = 1.0,
         head_dropout: float = 0.0,
-        patch_size: int | list[int] = 8,
-        embed_dim: int = 96,
-        depth: int = 4,
-        num_heads: int = 4,
-        mlp_ratio: float = 4.0,
-        grad_checkpointing: bool = False,
-        compile: bool = False,
-        lr: float = 1e-3,
-        weight_decay: float = 0.05,
-        warmup_fraction: float = 0.1,
-        min_lr_ratio: float = 0.01,
-        base_batch_size: int | None = None,
+        **kwargs,
     ):
-        super().__init__(lr, weight_decay, warmup_fraction, min_lr_ratio, base_batch_size)
+        super().__init__(**kwargs)
         if modalities not in ("image", "ehr", "image+ehr"):
             raise ValueError(f"modalities must be image, ehr or image+ehr, got {modalities!r}")
-        self.save_hyperparameters()
-        self.encoder = MultimodalEncoder(
-            image_size, patch_size, n_ehr_features, embed_dim, depth, num_heads, mlp_ratio,
-            grad_checkpointing,
-        )  # fmt: skip
+        self.encoder = self.build_encoder()
         self._initialised_from: str | None = None
         self._warned: set[tuple] = set()
         if freeze_backbone:
             self.encoder.requires_grad_(False).eval()
         self.head = nn.Sequential(
-            nn.LayerNorm(embed_dim), nn.Dropout(head_dropout), nn.Linear(embed_dim, 1)
+            nn.LayerNorm(self.embed_dim), nn.Dropout(head_dropout), nn.Linear(self.embed_dim, 1)
         )
         metrics = binary_metrics()
         self.val_metrics = metrics.clone(prefix="val/")
@@ -206,10 +89,10 @@ class DiagnosisTask(BaseTask):
 
     def initialise_from_checkpoint(self, path: str) -> dict[str, Any] | None:
         """Load the pretrained encoder strictly; return the data state it was trained with."""
+        h = self.hparams
+        expected = architecture(h.image_size, h.n_ehr_features, self.backbone)
         weights, data_state = load_pretrained_encoder(
-            path,
-            {k: self.hparams[k] for k in BACKBONE_KEYS},
-            self.hparams.get("init_from_encoder", "auto"),
+            path, expected, h.get("init_from_encoder", "auto")
         )
         try:
             result = self.encoder.load_state_dict(weights, strict=False)

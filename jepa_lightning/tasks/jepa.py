@@ -20,58 +20,32 @@ What makes it learn (each measured on the quickstart cohort, README "Watching fo
 
 from __future__ import annotations
 
-import copy
-import logging
 from typing import Literal
 
 import torch
 from torch import nn
-from torchmetrics import CatMetric, MeanMetric
-from torchmetrics.classification import BinaryAUROC
 
-from jepa_lightning.backbones import JEPAPredictor, MultimodalEncoder
+from jepa_lightning.backbones import JEPAPredictor
 from jepa_lightning.backbones.vit3d import gather_tokens
-from jepa_lightning.collapse import effective_rank, mean_feature_std
 from jepa_lightning.losses import (
     center_targets,
     latent_regression_loss,
     layer_norm_targets,
-    masked_bce_with_logits,
     position_r2,
     sigreg,
     sigreg_directions,
     variance_hinge,
 )
 from jepa_lightning.masking import JEPAMaskCollator
-from jepa_lightning.schedules import (
-    ema_init_share,
-    ema_momentum,
-    ema_start_for_share,
-    ema_update_,
-)
-from jepa_lightning.tasks.base import BaseTask, OnlineProbe
-from jepa_lightning.tasks.references import encoder_references
-
-log = logging.getLogger(__name__)
+from jepa_lightning.tasks.momentum import MomentumSSLTask, frozen_copy
 
 MASK_KEYS = ("ctx_image_idx", "ctx_ehr_idx", "tgt_image_idx", "tgt_ehr_idx")
-VAL_MEANS = (
-    "loss",
-    "loss_image",
-    "loss_ehr",
-    "loss_sigreg",
-    "loss_vs_position_baseline",
-    "target_position_r2",
-)
 
 
-class MultimodalJEPA(BaseTask):
+class MultimodalJEPA(MomentumSSLTask):
     """Multimodal JEPA pretraining.
 
     Args:
-        image_size: volume size (D, H, W); linked from the data module by the CLI.
-        n_ehr_features: EHR vector length; linked from the data module by the CLI.
-        patch_size / embed_dim / depth / num_heads / mlp_ratio: the shared encoder.
         predictor_dim / predictor_depth / predictor_heads: the narrow predictor.
         use_ehr: False gives image-only I-JEPA (EHR neither context nor target).
         n_blocks / block_scale / block_aspect / block_z_scale: 3-D target blocks (scale is
@@ -88,10 +62,6 @@ class MultimodalJEPA(BaseTask):
             left for a content-free predictor; in evaluation it is a running mean of those.
         target_center_momentum: EMA momentum of that running mean (bias-corrected, so the
             first batches are not pulled towards 0).
-        ema_momentum_start / ema_momentum_end: EMA momentum, linear over optimizer steps.
-            ``auto`` picks the largest start (<= 0.996) that leaves < 5 % of the random init
-            in the target after 10 % of the steps (0.996 suits 100k-step runs, not 1k);
-            ``train/ema_init_share`` logs the share actually left.
         ehr_loss_weight: weight of the EHR-target loss next to the image-target loss.
         sigreg_weight: weight of SIGReg (sketched isotropic-Gaussian regulariser, LeJEPA) on
             each modality's pooled context embedding; 0 = off.
@@ -110,25 +80,23 @@ class MultimodalJEPA(BaseTask):
             (0 = off; the older anti-collapse option, kept for comparison).
         loss: ``smooth_l1`` | ``l1`` | ``l2`` on the targets, in fp32.
         residual_rescale: I-JEPA's init, residual branch outputs scaled by 1/sqrt(2 * depth).
-        reference_metrics: measure the random-init encoder at step 0 (``ref/*``) and the
-            final one at the end (``final/*``): image-only offline probe (logistic
-            regression fitted on labelled training scans, scored on labelled validation
-            scans), effective rank and feature spread of validation embeddings.
-        grad_checkpointing: trade compute for activation memory in the encoders.
-        compile: ``torch.compile`` the transformer blocks (encoders and predictor) in
-            ``configure_model``; checkpoints are unchanged.
-        lr ... weight_decay_end: optimizer and schedules (:class:`BaseTask`).
+        lr: peak learning rate (:class:`BaseTask`); 1.5e-3 here.
+        **kwargs: the EMA schedule (:class:`MomentumSSLTask`), ``reference_metrics``
+            (:class:`SSLTask`), the backbone and the optimizer (:class:`BaseTask`).
     """
+
+    LOSS_KEYS = (
+        "loss",
+        "loss_image",
+        "loss_ehr",
+        "loss_sigreg",
+        "loss_variance",
+        "loss_vs_position_baseline",
+        "target_position_r2",
+    )
 
     def __init__(
         self,
-        image_size: int | list[int] = 32,
-        n_ehr_features: int = 32,
-        patch_size: int | list[int] = 8,
-        embed_dim: int = 96,
-        depth: int = 4,
-        num_heads: int = 4,
-        mlp_ratio: float = 4.0,
         predictor_dim: int = 48,
         predictor_depth: int = 2,
         predictor_heads: int = 4,
@@ -143,8 +111,6 @@ class MultimodalJEPA(BaseTask):
         target_mode: Literal["per_modality", "joint"] = "per_modality",
         target_centering: bool = True,
         target_center_momentum: float = 0.99,
-        ema_momentum_start: float | Literal["auto"] = "auto",
-        ema_momentum_end: float = 1.0,
         ehr_loss_weight: float = 1.0,
         sigreg_weight: float = 0.0,
         sigreg_directions: int = 64,
@@ -154,60 +120,35 @@ class MultimodalJEPA(BaseTask):
         variance_weight: float = 0.0,
         loss: str = "smooth_l1",
         residual_rescale: bool = False,
-        reference_metrics: bool = True,
-        grad_checkpointing: bool = False,
-        compile: bool = False,
         lr: float = 1.5e-3,
-        weight_decay: float = 0.05,
-        warmup_fraction: float = 0.1,
-        min_lr_ratio: float = 0.01,
-        base_batch_size: int | None = None,
-        lr_schedule: Literal["cosine", "wsd"] = "cosine",
-        decay_fraction: float = 0.2,
-        weight_decay_end: float | None = None,
+        **kwargs,
     ):
-        super().__init__(
-            lr, weight_decay, warmup_fraction, min_lr_ratio, base_batch_size, lr_schedule,
-            decay_fraction, weight_decay_end,
-        )  # fmt: skip
+        super().__init__(lr=lr, **kwargs)
         if sigreg_input not in ("full", "context"):
             raise ValueError(f"sigreg_input must be 'full' or 'context', got {sigreg_input!r}")
         if target_mode not in ("per_modality", "joint"):
             raise ValueError(f"target_mode must be 'per_modality' or 'joint', got {target_mode!r}")
-        self.save_hyperparameters()
-        self.encoder = MultimodalEncoder(
-            image_size, patch_size, n_ehr_features, embed_dim, depth, num_heads, mlp_ratio,
-            grad_checkpointing, residual_rescale,
-        )  # fmt: skip
-        self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
+        self.encoder = self.build_encoder(residual_rescale)
+        self.target_encoder = frozen_copy(self.encoder)
         self.predictor = JEPAPredictor(
             self.encoder.grid,
-            n_ehr_features,
-            embed_dim,
+            self.hparams.n_ehr_features,
+            self.embed_dim,
             predictor_dim,
             predictor_depth,
             predictor_heads,
         )
-        # Online linear probes on detached target features: the image-only one is what
-        # checkpoint selection uses (val/probe_auroc); the joint one sees image and EHR.
-        self.probe = OnlineProbe(embed_dim)
-        self.probe_joint = OnlineProbe(2 * embed_dim)
-        self.val_probe_auroc = BinaryAUROC()
-        self.val_probe_auroc_joint = BinaryAUROC()
-        n_tokens = self.encoder.num_patches + n_ehr_features
+        # Online probes on detached target features: the image-only one is what checkpoint
+        # selection uses (val/probe_auroc); the joint one sees image and EHR.
+        self.init_monitors(joint_probe=True)
+        n_tokens = self.encoder.num_patches + self.hparams.n_ehr_features
         # Running per-position mean of the layer-normed targets (image positions, then EHR
         # features) and the number of batches in it; saved, so a resume keeps centring alike.
-        self.register_buffer("target_mean", torch.zeros(n_tokens, embed_dim))
+        self.register_buffer("target_mean", torch.zeros(n_tokens, self.embed_dim))
         self.register_buffer("target_mean_batches", torch.zeros((), dtype=torch.long))
-        # Product of the EMA momenta so far: the share of the random init left in the target.
-        self.register_buffer("ema_init_share", torch.ones((), dtype=torch.float64))
-        self._last_ema_step = -1
-        # Pooled image-only validation embeddings of every rank (CatMetric all-gathers at
-        # compute), so the collapse metrics describe the whole split, not rank 0's share.
-        self.val_embeddings = CatMetric(nan_strategy="disable")
-        # Means over all ranks' batches; a rank whose batches drew no EHR target (modality
-        # drop) has no ``loss_ehr`` but still joins the sync.
-        self.val_losses = nn.ModuleDict({k: MeanMetric() for k in VAL_MEANS})
+
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.encoder, self.target_encoder)]
 
     # --- masks are made in the loader workers --------------------------------------------
     def mask_collator(self) -> JEPAMaskCollator:
@@ -226,15 +167,10 @@ class MultimodalJEPA(BaseTask):
             rank=self.global_rank,
         )
 
-    def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
-        if dm is not None and hasattr(dm, "collate_hook"):
-            dm.collate_hook = self.mask_collator()
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.target_encoder.eval()  # the target never runs in training mode
-        return self
+    def collate_hook(self) -> JEPAMaskCollator:
+        """What the data module's loaders apply to each batch (installed by
+        :class:`~jepa_lightning.callbacks.TaskCollateHook`)."""
+        return self.mask_collator()
 
     # --- DDP helpers ---------------------------------------------------------------------------
     def _world(self) -> int:
@@ -313,7 +249,7 @@ class MultimodalJEPA(BaseTask):
         parts = [context[:, :n_ctx_img]]
         if self.hparams.use_ehr:
             parts.append(context[:, n_ctx_img:])
-        dim = self.hparams.embed_dim
+        dim = self.embed_dim
         # a modality absent from this rank's context: zero samples (it still joins the sync)
         return [
             p.mean(1) if p.shape[1] else context.new_zeros(0, dim) + context.sum() * 0
@@ -332,7 +268,7 @@ class MultimodalJEPA(BaseTask):
         step = self.trainer.global_step if self._trainer is not None else 0
         seed = 0 if not self.training else 1 + step
         dirs = sigreg_directions(
-            self.hparams.embed_dim, self.hparams.sigreg_directions, seed, parts[0].device
+            self.embed_dim, self.hparams.sigreg_directions, seed, parts[0].device
         )
         synced = self._world() > 1 and self.training
         reduce = self._sum_over_ranks_differentiable if synced else None
@@ -354,7 +290,9 @@ class MultimodalJEPA(BaseTask):
         if any(k not in batch for k in MASK_KEYS):
             raise KeyError(
                 "batch has no JEPA mask indices: the data module must apply the task's "
-                "collate_hook (CTEHRDataModule does; a custom one needs a `collate_hook` attribute)"
+                "collate_hook() to its batches (the CLI installs it with the TaskCollateHook "
+                "callback; a Trainer built by hand needs callbacks=[TaskCollateHook()], and a "
+                "custom data module a `collate_hook` attribute its collate function calls)"
             )
         t = self.targets(batch)
         n_img = self.encoder.num_patches
@@ -392,137 +330,12 @@ class MultimodalJEPA(BaseTask):
             loss = loss + self.hparams.variance_weight * out["loss_variance"]
         out["loss"] = loss
         out["target_position_r2"] = t["target_position_r2"]
-        out["pooled_image"] = t["pooled_image"].detach()
+        out["pooled"] = t["pooled_image"].detach()
         out["pooled_joint"] = t["pooled_joint"].detach()
         return out
 
-    def probe_losses(self, out: dict, labels: torch.Tensor) -> torch.Tensor:
-        image = masked_bce_with_logits(self.probe(out["pooled_image"]).squeeze(-1), labels)
-        joint = masked_bce_with_logits(self.probe_joint(out["pooled_joint"]).squeeze(-1), labels)
-        return image + joint
-
-    def training_step(self, batch: dict, batch_idx: int):
-        if not batch:  # every sample of the batch was skipped as bad input
-            return None
-        out = self.jepa_losses(batch)
-        probe_loss = self.probe_losses(out, batch["label"])
-        bs = len(batch["image"])
-        self.log("train/loss", out["loss"], prog_bar=True, batch_size=bs)
-        keys = ("loss_image", "loss_ehr", "loss_sigreg", "loss_variance")
-        diagnostics = {k: out[k] for k in keys if k in out}
-        diagnostics["loss_vs_position_baseline"] = out["loss_vs_position_baseline"]
-        diagnostics["probe_loss"] = probe_loss
-        diagnostics["ema_momentum"] = self.current_momentum()
-        diagnostics["ema_init_share"] = float(self.ema_init_share)
-        if self.weight_decay_end is not None:
-            diagnostics["weight_decay"] = self.current_weight_decay()
-        self.log_train_diagnostics(diagnostics, bs)
-        return out["loss"] + probe_loss
-
-    # --- EMA -----------------------------------------------------------------------------------
-    def ema_start(self) -> float:
-        """The start momentum: the configured one, or the ``auto`` one for this run length."""
-        start, end = self.hparams.ema_momentum_start, self.hparams.ema_momentum_end
-        if start != "auto":
-            return float(start)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        if getattr(self, "_auto_ema", (None, None))[0] != total:
-            self._auto_ema = (total, ema_start_for_share(total, 0.05, 0.1, end))
-        return self._auto_ema[1]
-
-    def current_momentum(self) -> float:
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        return ema_momentum(
-            self.trainer.global_step, total, self.ema_start(), self.hparams.ema_momentum_end
-        )
-
-    def on_train_start(self) -> None:
-        self._last_ema_step = self.trainer.global_step  # also right after a resume
-        h = self.hparams
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        start = self.ema_start()
-        share = ema_init_share(max(1, -(-total // 10)), total, start, h.ema_momentum_end)
-        log.info(
-            "EMA %.4g -> %.4g over %d steps: %.1f %% of the random init left in the target "
-            "after 10 %% of the steps",
-            start, h.ema_momentum_end, total, 100 * share,
-        )  # fmt: skip
-        if share > 0.05 + 1e-9:
-            log.warning(
-                "the EMA target keeps %.0f %% of its random init after 10 %% of the run; lower "
-                "ema_momentum_start (the finetuning starts from the target encoder)",
-                100 * share,
-            )
-        if h.reference_metrics and self.trainer.global_step == 0:
-            self.log_references("ref")
-
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        # Once per real optimizer step: with gradient accumulation global_step only moves
-        # on the step that updated the weights.
-        step = self.trainer.global_step
-        if step == self._last_ema_step:
-            return
-        self._last_ema_step = step
-        momentum = self.current_momentum()
-        ema_update_(
-            list(self.target_encoder.parameters()), list(self.encoder.parameters()), momentum
-        )
-        self.ema_init_share *= momentum
-
-    def on_train_end(self) -> None:
-        if self.hparams.reference_metrics:
-            self.log_references("final")
-
-    def log_references(self, prefix: str) -> None:
-        """Offline image-only measures of the current target encoder (``ref`` at step 0:
-        the random-init reference; ``final`` after training), to the logger and the log."""
-        dm = getattr(self.trainer, "datamodule", None)
-        if dm is None:
-            return
-        values = encoder_references(self.target_encoder, dm, self.device)
-        values = {f"{prefix}/{k}": v for k, v in values.items()}
-        log.info("%s", ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
-        self.reference_values = {**getattr(self, "reference_values", {}), **values}
-        for logger in self.loggers:
-            logger.log_metrics(values, step=self.trainer.global_step)
-
-    # --- validation: JEPA loss, online probe AUROC, collapse metrics --------------------------
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        if not batch:
-            return
-        out = self.jepa_losses(batch)
-        bs = len(batch["image"])
-        for key, metric in self.val_losses.items():
-            if key in out and torch.isfinite(out[key]):
-                metric.update(out[key].detach().float(), weight=bs)
-        labelled = ~torch.isnan(batch["label"])
-        if labelled.any():
-            # float targets: torchmetrics stands in an empty *float* tensor for a rank without
-            # samples when it all-gathers, and a long state on the other ranks would not match
-            y = batch["label"][labelled].float()
-            prob = torch.sigmoid(self.probe(out["pooled_image"]).squeeze(-1))
-            self.val_probe_auroc.update(prob[labelled], y)
-            prob_joint = torch.sigmoid(self.probe_joint(out["pooled_joint"]).squeeze(-1))
-            self.val_probe_auroc_joint.update(prob_joint[labelled], y)
-            self.count_probe_labels(y)
-        # flattened: torchmetrics gathers a rank without samples as a 1-D empty tensor
-        self.val_embeddings.update(out["pooled_image"].float().flatten())
-
-    def on_validation_epoch_end(self) -> None:
-        # Counts summed over ranks: every rank enters the same compute() (all-gathers), also
-        # a rank whose share held no labelled scan. The computed values are then the same on
-        # every rank; sync_dist averages identical numbers (exact) and keeps Lightning quiet.
-        self.log_probe_auroc("val/probe_auroc", self.val_probe_auroc, prog_bar=True)
-        self.log_probe_auroc("val/probe_auroc_joint", self.val_probe_auroc_joint)
-        self.val_probe_auroc.reset()
-        self.val_probe_auroc_joint.reset()
-        self.reset_probe_label_counts()
-        if self.count_over_ranks(self.val_embeddings.update_count):
-            z = self.val_embeddings.compute().reshape(-1, self.hparams.embed_dim)
-            self.log("val/effective_rank", effective_rank(z), sync_dist=True)
-            self.log("val/feature_std", mean_feature_std(z), sync_dist=True)
-        self.val_embeddings.reset()
-        for key, metric in self.val_losses.items():
-            if self.count_over_ranks(metric.update_count):
-                self.log(f"val/{key}", metric.compute(), prog_bar=key == "loss", sync_dist=True)
-            metric.reset()
+    def ssl_losses(
+        self, batch: dict, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        del generator  # the masks were drawn in the loader workers (collate_hook)
+        return self.jepa_losses(batch)

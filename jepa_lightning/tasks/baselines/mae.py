@@ -6,11 +6,10 @@ import math
 
 import torch
 
-from jepa_lightning.backbones import MultimodalEncoder
 from jepa_lightning.backbones.mae import MAEDecoder, patchify_3d
 from jepa_lightning.losses import mae_loss
 from jepa_lightning.masking import random_masks
-from jepa_lightning.tasks.baselines.common import SSLTask
+from jepa_lightning.tasks.ssl import SSLTask
 
 
 class MAE(SSLTask):
@@ -24,49 +23,36 @@ class MAE(SSLTask):
     tokenizer is untrained.
 
     Args:
-        image_size / n_ehr_features: linked from the data module by the CLI.
-        patch_size / embed_dim / depth / num_heads / mlp_ratio: the shared encoder.
         mask_ratio: share of patches hidden from the encoder (MAE: 0.75).
         decoder_dim / decoder_depth / decoder_heads: the light decoder.
         norm_pix_loss: reconstruct per-patch normalised voxels instead of raw intensities.
-        lr ... base_batch_size: optimizer and schedule (see ``BaseTask``).
+        lr: peak learning rate (:class:`BaseTask`); 1.5e-3 here.
+        **kwargs: ``reference_metrics`` (:class:`SSLTask`), the backbone and the optimizer
+            (:class:`BaseTask`).
     """
 
     def __init__(
         self,
-        image_size: int | list[int] = 32,
-        n_ehr_features: int = 32,
-        patch_size: int | list[int] = 8,
-        embed_dim: int = 96,
-        depth: int = 4,
-        num_heads: int = 4,
-        mlp_ratio: float = 4.0,
         mask_ratio: float = 0.75,
         decoder_dim: int = 48,
         decoder_depth: int = 2,
         decoder_heads: int = 4,
         norm_pix_loss: bool = True,
         lr: float = 1.5e-3,
-        weight_decay: float = 0.05,
-        warmup_fraction: float = 0.1,
-        min_lr_ratio: float = 0.01,
-        base_batch_size: int | None = None,
+        **kwargs,
     ):
-        super().__init__(
-            embed_dim, lr, weight_decay, warmup_fraction, min_lr_ratio, base_batch_size
-        )
+        super().__init__(lr=lr, **kwargs)
         if not 0.0 < mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
-        self.save_hyperparameters()
-        self.encoder = MultimodalEncoder(
-            image_size, patch_size, n_ehr_features, embed_dim, depth, num_heads, mlp_ratio
-        )
+        self.encoder = self.build_encoder()
         self.encoder.ehr.requires_grad_(False)  # image-only: no gradient would reach it
         self.n_keep = max(1, round(self.encoder.num_patches * (1.0 - mask_ratio)))
         patch_voxels = math.prod(self.encoder.vit.patch_embed.patch_size)
         self.decoder = MAEDecoder(
-            self.encoder.grid, embed_dim, patch_voxels, decoder_dim, decoder_depth, decoder_heads
-        )
+            self.encoder.grid, self.embed_dim, patch_voxels, decoder_dim, decoder_depth,
+            decoder_heads,
+        )  # fmt: skip
+        self.init_monitors()
 
     def ssl_losses(
         self, batch: dict, generator: torch.Generator | None = None
@@ -77,7 +63,7 @@ class MAE(SSLTask):
         )
         visible = self.encoder(image, image_keep=keep)
         pred = self.decoder(visible, keep)
-        patches = patchify_3d(image, self.hparams.patch_size)
+        patches = patchify_3d(image, self.backbone.patch_size)
         loss = mae_loss(pred, patches, masked, self.hparams.norm_pix_loss)
         with torch.no_grad():  # probe/collapse features: the full volume, as finetuning sees it
             pooled = self.encoder(image).mean(1)

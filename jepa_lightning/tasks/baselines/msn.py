@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import copy
+from typing import Literal
 
 import torch
 from torch import nn
 
-from jepa_lightning.backbones import EHRTokenizer, MultimodalEncoder
+from jepa_lightning.backbones import EHRTokenizer
 from jepa_lightning.losses import msn_loss, prototype_probabilities, sharpen
 from jepa_lightning.masking import focal_masks, random_masks
-from jepa_lightning.schedules import ema_momentum, ema_update_
-from jepa_lightning.tasks.baselines.common import SSLTask
+from jepa_lightning.tasks.momentum import MomentumSSLTask, frozen_copy
 
 
 def projection_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
@@ -38,7 +37,7 @@ def random_flips(volume: torch.Tensor, generator: torch.Generator | None = None)
     return volume
 
 
-class MSN(SSLTask):
+class MSN(MomentumSSLTask):
     """MSN (Assran et al. 2022) on the shared 3-D encoder; ``use_ehr`` gives MSN+EHR.
 
     Anchor views (``n_random_views`` with a random ``mask_ratio`` of patches dropped,
@@ -59,8 +58,6 @@ class MSN(SSLTask):
     ``DiagnosisTask`` (``init_from_encoder``); MSN evaluates the target encoder.
 
     Args:
-        image_size / n_ehr_features: linked from the data module by the CLI.
-        patch_size / embed_dim / depth / num_heads / mlp_ratio: the shared encoder.
         use_ehr: fuse the EHR into the anchor branch (MSN+EHR).
         n_random_views / mask_ratio: randomly masked anchor views and their drop ratio.
         n_focal_views / focal_block: anchor views keeping one block of patches (D, H, W).
@@ -69,21 +66,15 @@ class MSN(SSLTask):
         temperature: anchor (and target, before sharpening) softmax temperature.
         sharpen_temperature: target sharpening, ``p ** (1/T)`` renormalised.
         me_max_weight: weight of the mean-entropy maximisation regulariser.
-        ema_momentum_start / ema_momentum_end: EMA momentum, linear over optimizer steps.
-        lr ... base_batch_size: optimizer and schedule (see ``BaseTask``).
+        ema_momentum_start: EMA start momentum (MSN: 0.996; ``auto`` as in JEPA).
+        **kwargs: ``ema_momentum_end`` (:class:`MomentumSSLTask`), ``reference_metrics``
+            (:class:`SSLTask`), the backbone and the optimizer (:class:`BaseTask`).
     """
 
     LOSS_KEYS = ("loss", "loss_ce", "mean_entropy")
 
     def __init__(
         self,
-        image_size: int | list[int] = 32,
-        n_ehr_features: int = 32,
-        patch_size: int | list[int] = 8,
-        embed_dim: int = 96,
-        depth: int = 4,
-        num_heads: int = 4,
-        mlp_ratio: float = 4.0,
         use_ehr: bool = False,
         n_random_views: int = 2,
         mask_ratio: float = 0.5,
@@ -96,31 +87,22 @@ class MSN(SSLTask):
         temperature: float = 0.1,
         sharpen_temperature: float = 0.25,
         me_max_weight: float = 1.0,
-        ema_momentum_start: float = 0.996,
-        ema_momentum_end: float = 1.0,
-        lr: float = 1e-3,
-        weight_decay: float = 0.05,
-        warmup_fraction: float = 0.1,
-        min_lr_ratio: float = 0.01,
-        base_batch_size: int | None = None,
+        ema_momentum_start: float | Literal["auto"] = 0.996,
+        **kwargs,
     ):
-        super().__init__(
-            embed_dim, lr, weight_decay, warmup_fraction, min_lr_ratio, base_batch_size
-        )
+        super().__init__(ema_momentum_start=ema_momentum_start, **kwargs)
         if n_random_views + n_focal_views < 1:
             raise ValueError("MSN needs at least one anchor view: n_random_views + n_focal_views")
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
-        self.save_hyperparameters()
-        self.encoder = MultimodalEncoder(
-            image_size, patch_size, n_ehr_features, embed_dim, depth, num_heads, mlp_ratio
-        )
+        embed_dim, n_ehr_features = self.embed_dim, self.hparams.n_ehr_features
+        self.encoder = self.build_encoder()
         # The encoder only ever sees images (in MSN+EHR too): its EHR tokenizer gets no
         # gradient, so it is frozen rather than left for DDP to find unused.
         self.encoder.ehr.requires_grad_(False)
-        self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
+        self.target_encoder = frozen_copy(self.encoder)
         self.projector = projection_head(embed_dim, proj_hidden_dim, proj_dim)
-        self.target_projector = copy.deepcopy(self.projector).requires_grad_(False)
+        self.target_projector = frozen_copy(self.projector)
         self.prototypes = nn.Parameter(torch.empty(n_prototypes, proj_dim))
         nn.init.trunc_normal_(self.prototypes, std=0.02)
         self.focal_block = tuple(int(b) for b in focal_block)
@@ -130,13 +112,10 @@ class MSN(SSLTask):
         if use_ehr:
             self.ehr_embed = EHRTokenizer(n_ehr_features, embed_dim)
             self.fuse = nn.Linear(2 * embed_dim, embed_dim)
-        self._last_ema_step = -1
+        self.init_monitors()
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.target_encoder.eval()
-        self.target_projector.eval()
-        return self
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.encoder, self.target_encoder), (self.projector, self.target_projector)]
 
     def anchor_embeddings(
         self, batch: dict, generator: torch.Generator | None = None
@@ -180,27 +159,3 @@ class MSN(SSLTask):
         )
         loss, ce, mean_entropy = msn_loss(anchor_probs, target_probs, h.me_max_weight)
         return {"loss": loss, "loss_ce": ce, "mean_entropy": mean_entropy, "pooled": pooled}
-
-    # --- EMA target, once per real optimizer step (accumulation-safe) ------------------------
-    def current_momentum(self) -> float:
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        h = self.hparams
-        return ema_momentum(
-            self.trainer.global_step, total, h.ema_momentum_start, h.ema_momentum_end
-        )
-
-    def on_train_start(self) -> None:
-        self._last_ema_step = self.trainer.global_step
-
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        step = self.trainer.global_step
-        if step == self._last_ema_step:
-            return
-        self._last_ema_step = step
-        momentum = self.current_momentum()
-        for target, online in (
-            (self.target_encoder, self.encoder),
-            (self.target_projector, self.projector),
-        ):
-            ema_update_(list(target.parameters()), list(online.parameters()), momentum)
-        self.log("train/ema_momentum", momentum)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from jepa_lightning.backbones.ehr import EHRTokenizer
+from jepa_lightning.backbones.presets import Backbone, as_backbone
 from jepa_lightning.backbones.vit3d import VisionTransformer3D, gather_tokens
 
 IMAGE, EHR = 0, 1  # modality ids, shared with the predictor
@@ -46,6 +47,22 @@ class MultimodalEncoder(nn.Module):
         self.ehr = EHRTokenizer(n_ehr_features, embed_dim)
         self.modality_embed = nn.Parameter(torch.randn(2, embed_dim) * 0.02)
         self.embed_dim = embed_dim
+
+    @classmethod
+    def from_backbone(
+        cls,
+        image_size: int | Sequence[int],
+        n_ehr_features: int,
+        backbone: str | Backbone | dict,
+        grad_checkpointing: bool = False,
+        residual_rescale: bool = False,
+    ) -> MultimodalEncoder:
+        """The encoder of a :class:`Backbone` (or preset name) for this data's sizes."""
+        b = as_backbone(backbone)
+        return cls(
+            image_size, b.patch_size, n_ehr_features, b.embed_dim, b.depth, b.num_heads,
+            b.mlp_ratio, grad_checkpointing, residual_rescale,
+        )  # fmt: skip
 
     @property
     def grid(self) -> tuple[int, int, int]:
