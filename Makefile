@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP) ## Create .venv and install torch ($(TORCH)) then the project with dev extras
 
 quickstart: $(STAMP) ## Synthetic cohort -> JEPA pretrain -> finetune (JEPA init vs scratch) -> results table
-	$(PY) -m jepa_lightning.evaluation.quickstart --out runs/quickstart --seeds 0 1 2
+	$(PY) -m jepa_lightning.evaluation.study --config experiments/studies/quickstart.yaml
 
 synthetic-study-quick: $(STAMP) ## Synthetic environment study, quick: report.md + knobs.png in runs/synthetic-study-quick
 	$(PY) -m jepa_lightning.evaluation.synthetic_study --config experiments/synthetic_study/quick.yaml

@@ -118,6 +118,48 @@ def test_paired_bootstrap_identical_and_better_models():
     )
 
 
+def test_seed_averaged_models_share_one_set_of_resamples():
+    """A model given as several tables (finetuning seeds) is their mean: the point is the
+    mean of the seeds' metrics, each resample scores every seed on the same patients, and a
+    model's CI does not depend on which other models share the bootstrap."""
+    rng = np.random.default_rng(4)
+    label = np.repeat(rng.integers(0, 2, 60), 2)  # two scans per patient
+    patients = np.repeat([f"p{i:02d}" for i in range(60)], 2)
+    seeds = [_frame(np.round(rng.random(120) + 0.6 * label, 1), label, patients) for _ in range(3)]
+    weak = [_frame(np.round(rng.random(120) + 0.1 * label, 1), label, patients) for _ in range(2)]
+    b = stats.bootstrap({"good": seeds, "weak": weak}, ["auroc"], 300, seed=0)
+    per_seed = [stats.metric("auroc", f["prob"], label) for f in seeds]
+    s = b.summary("auroc", "good")
+    assert s["mean"] == pytest.approx(np.mean(per_seed))
+    assert s["sd"] == pytest.approx(np.std(per_seed, ddof=1))
+    resamples = stats.patient_bootstrap(seeds[0]["patient_id"], 300, 0)
+    by_hand = stats.bootstrap_distribution(
+        "auroc", np.stack([f["prob"] for f in seeds], 1), label, resamples
+    ).mean(1)
+    assert (s["low"], s["high"]) == pytest.approx(stats.percentile_ci(by_hand))
+    # the same CI from the model's tables alone (shuffled: row order does not matter)
+    alone = stats.bootstrap_summary(
+        [f.sample(frac=1.0, random_state=1) for f in seeds], "auroc", 300
+    )
+    assert (alone["point"], alone["low"], alone["high"]) == pytest.approx(
+        (s["mean"], s["low"], s["high"])
+    )
+    pair = stats.paired_bootstrap(seeds, weak, "auroc", 300, seed=0)
+    assert pair == pytest.approx(b.paired("auroc", "good", "weak"))
+    assert pair["delta"] > 0.2 and pair["low"] > 0 and pair["p_value"] < 0.01
+    # a single table is its own mean, with no sd
+    assert np.isnan(stats.bootstrap({"one": seeds[0]}, ["auroc"], 10).summary("auroc", "one")["sd"])
+
+
+def test_one_table_may_repeat_scans_but_pairing_may_not():
+    """One table per nodule may list a scan twice (two nodules): scoring it alone is fine;
+    pairing needs one row per scan, so it is refused there."""
+    frame = _frame([0.1, 0.9, 0.4, 0.8], [0, 1, 0, 1]).assign(scan_id=["a", "a", "b", "c"])
+    assert stats.bootstrap_summary(frame, "auroc", 20)["point"] == pytest.approx(1.0)
+    with pytest.raises(stats.ScanMismatchError, match="repeat scans"):
+        stats.paired_bootstrap(frame, frame)
+
+
 def test_paired_p_value_formula():
     assert stats.paired_p_value(np.array([1.0, 2.0, 3.0])) == pytest.approx(2 * 1 / 4)
     assert stats.paired_p_value(np.array([-1.0, 1.0, 2.0, 3.0])) == pytest.approx(2 * 2 / 5)

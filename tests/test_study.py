@@ -1,5 +1,5 @@
-"""predict -> Parquet, the study runner (micro grid, resume, bad YAML) and encoder inspection,
-through the real CLI on the tiny generated cohort."""
+"""predict -> Parquet, the study runner (micro grid, resume, bad YAML), the quickstart study
+and encoder inspection, through the real CLI on the tiny generated cohort."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from jepa_lightning.evaluation import inspect_encoder, study
+from jepa_lightning.evaluation import inspect_encoder, runs, stats, study
 from jepa_lightning.evaluation.study_spec import StudyConfigError, load_study
 from jepa_lightning.main import main
 from tests.conftest import tiny_data_args
@@ -106,7 +106,7 @@ def micro_study(tiny_cohort, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("micro")
     cfg, out = tmp / "micro.yaml", tmp / "study"
     cfg.write_text(yaml.safe_dump(_micro_study(tiny_cohort, out)))
-    listing = study.run_status(load_study(cfg))
+    listing = runs.run_status(load_study(cfg))
     table = study.main(["--config", str(cfg)])
     return cfg, out, table, listing
 
@@ -138,7 +138,8 @@ def test_study_micro_grid_writes_table_and_plots_then_resumes(micro_study, tiny_
     assert table.loc[~ref, "auroc_p_vs_ref"].between(0, 1).all()
     md = (out / "results.md").read_text()
     assert "| jepa | linear_probe | 50 % | external |" in md and "ref" in md
-    assert (out / "pretrain" / "jepa" / "done.json").exists()
+    pretrained = runs.read_marker(out / "pretrain" / "jepa")
+    assert Path(pretrained["checkpoint"]).exists()
     # comparisons: the pair's difference on the same scans, the same test as the table's p
     pairs = pd.read_csv(out / "comparisons.csv")
     assert len(pairs) == 2 * 2  # 2 cohorts x (AUROC, AUPRC)
@@ -151,8 +152,16 @@ def test_study_micro_grid_writes_table_and_plots_then_resumes(micro_study, tiny_
         assert r.delta_low <= r.delta_high and r.verdict in {"helped", "tied", "hurt"}
     assert "## Comparisons" in md and "| jepa / linear_probe | supervised / scratch |" in md
     # The probe started from the pretraining checkpoint the marker names.
-    marker = study.read_marker(out / "runs" / "jepa__linear_probe__f0.5__s0")
-    assert any(a.startswith("--model.init_args.init_from=") for a in marker["argv"])
+    marker = runs.read_marker(out / "runs" / "jepa__linear_probe__f0.5__s0")
+    assert f"--model.init_args.init_from={pretrained['checkpoint']}" in marker["argv"]
+    # The table is the statistics module's numbers on the saved predictions, nothing else.
+    preds = pd.read_parquet(marker["predictions"])
+    internal = preds[preds["cohort"] == "internal"]
+    direct = stats.bootstrap_summary(internal, "auroc", n_resamples=50, seed=0)
+    row = table[(table["method"] == "jepa") & (table["cohort"] == "internal")].iloc[0]
+    assert (row.auroc_mean, row.auroc_ci_low, row.auroc_ci_high) == pytest.approx(
+        (direct["point"], direct["low"], direct["high"])
+    )
 
     capsys.readouterr()
     again = study.main(["--config", str(cfg)])
@@ -170,7 +179,7 @@ def test_study_micro_grid_writes_table_and_plots_then_resumes(micro_study, tiny_
     changed = _micro_study(tiny_cohort, out)
     changed["protocols"]["scratch"]["args"] = ["--model.init_args.lr=1e-2"]
     cfg.write_text(yaml.safe_dump(changed))
-    with pytest.raises(study.StudyStateError, match="other arguments"):
+    with pytest.raises(runs.StudyStateError, match="other arguments"):
         study.main(["--config", str(cfg)])
 
 
@@ -188,6 +197,7 @@ def test_study_micro_grid_writes_table_and_plots_then_resumes(micro_study, tiny_
         (lambda d: d["comparisons"][0]["against"].update(protocol="finetune"), "comparisons[0].against supervised/finetune"),
         (lambda d: d["comparisons"][0].pop("model"), "comparisons[0] must be a mapping with model and against"),
         (lambda d: d.pop("protocols"), "missing required key protocols"),
+        (lambda d: d["methods"]["jepa"].update(pretrain_checkpoint="first"), "methods.jepa.pretrain_checkpoint must be best or last"),
     ],
 )  # fmt: skip
 def test_bad_study_yaml_names_the_key(tiny_cohort, tmp_path, edit, message):
@@ -210,6 +220,57 @@ def test_quick_study_config_is_valid():
     finally:
         os.chdir(cwd)
     assert len(s.runs()) == 16 and s.reference == ("supervised_multimodal", "scratch")
+
+
+def test_quickstart_study_scores_its_saved_predictions(tiny_cohort, tmp_path, monkeypatch, capsys):
+    """make quickstart's study on the tiny cohort: JEPA from the pretraining's last.ckpt vs
+    scratch, two seeds; the table, the paired difference and the pretraining's health line,
+    then a second invocation that trains nothing and prints the same table."""
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    spec = yaml.safe_load(Path("experiments/studies/quickstart.yaml").read_text())
+    spec["common_args"] = [*tiny_data_args(tiny_cohort), *QUIET, "--trainer.max_epochs=1",
+                           "--trainer.check_val_every_n_epoch=1"]  # fmt: skip
+    spec["subsets"] = [0, 1]
+    cfg, out = tmp_path / "quickstart.yaml", tmp_path / "qs"
+    cfg.write_text(yaml.safe_dump(spec))
+    table = study.main(["--config", str(cfg), "--out", str(out)])
+    assert list(zip(table["method"], table["cohort"], strict=True)) == [
+        ("jepa", "external"), ("supervised", "external"), ("jepa", "internal"),
+        ("supervised", "internal"),
+    ]  # fmt: skip
+    assert (table["n_subsets"] == 2).all() and table["auroc_sd"].notna().all()
+    pretrained = runs.read_marker(out / "pretrain" / "jepa")
+    # pretrain_checkpoint: last, although the checkpoint callback kept a "best" epoch too
+    assert pretrained["checkpoint"] == str(out / "pretrain/jepa/checkpoints/last.ckpt")
+    assert list((out / "pretrain/jepa/checkpoints").glob("epoch=*.ckpt"))
+    assert pretrained["embed_dim"] == 96
+    jepa_run = runs.read_marker(out / "runs" / "jepa__finetune__f1__s1")
+    assert f"--model.init_args.init_from={pretrained['checkpoint']}" in jepa_run["argv"]
+    assert "--seed_everything=1" in jepa_run["argv"]
+    text = (out / "results.md").read_text()
+    assert "| jepa / finetune | supervised / scratch | 100 % | internal | AUROC |" in text
+    health = re.search(r"Pretraining jepa \(last\.ckpt\): image-only effective rank min "
+                       r"(\d\.\d{3}) of width 96 .* random init (\d\.\d{3}) -> final", text)  # fmt: skip
+    assert health, text
+    capsys.readouterr()
+    again = study.main(["--config", str(cfg), "--out", str(out)])
+    assert "4 already done, 0 to run" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(again, table)
+
+
+def test_wandb_view_of_a_study_table_names_models_and_fractions():
+    from jepa_lightning.evaluation.wandb_results import results_view
+
+    table = pd.DataFrame(
+        {"method": ["jepa", "jepa"], "protocol": ["finetune", "finetune"],
+         "label_pct": [10.0, 100.0], "cohort": ["internal", "internal"], "n_scans": [72, 72],
+         "auroc_mean": [0.7, 0.8], "auroc_sd": [0.01, 0.02], "auprc_mean": [0.5, 0.6],
+         "auprc_sd": [0.03, 0.04]}
+    )  # fmt: skip
+    view = results_view(table)
+    assert list(view["method"]) == ["jepa / finetune @ 10 %", "jepa / finetune @ 100 %"]
+    assert list(view["AUROC"]) == [0.7, 0.8] and list(view["AUPRC_sd"]) == [0.03, 0.04]
+    assert list(results_view(table.iloc[:1])["method"]) == ["jepa / finetune"]
 
 
 # --- encoder inspection ---------------------------------------------------------------------

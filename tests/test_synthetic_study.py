@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from jepa_lightning.evaluation import report
 from jepa_lightning.evaluation import synthetic_study as ss
 from jepa_lightning.evaluation.study_spec import Run, StudyConfigError, parse_study
 
@@ -107,9 +108,9 @@ def test_bad_config_names_the_key(tmp_path, change, message):
 
 
 def test_verdict_rule():
-    assert ss.verdict(0.01, 0.2) == "helped"
-    assert ss.verdict(-0.2, -0.01) == "hurt"
-    assert ss.verdict(-0.05, 0.05) == "tied"
+    assert report.verdict(0.01, 0.2) == "helped"
+    assert report.verdict(-0.2, -0.01) == "hurt"
+    assert report.verdict(-0.05, 0.05) == "tied"
 
 
 def _frame(probs: np.ndarray, labels: np.ndarray) -> pd.DataFrame:
@@ -125,7 +126,7 @@ def _frame(probs: np.ndarray, labels: np.ndarray) -> pd.DataFrame:
     )
 
 
-def test_compare_models_finds_a_clear_difference_and_a_tie(tmp_path):
+def test_comparisons_find_a_clear_difference_and_a_tie(tmp_path):
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 300)
     good = np.clip(y * 0.6 + rng.random(300) * 0.5, 0, 1)  # nearly separable
@@ -136,15 +137,19 @@ def test_compare_models_finds_a_clear_difference_and_a_tie(tmp_path):
         Run("jepa", "finetune", 1.0, 0): _frame(good, y),
         Run("supervised", "scratch", 1.0, 0): _frame(noise, y),
     }
-    c = ss.compare_models(
-        study, frames, ("jepa", "finetune"), ("supervised", "scratch"), "internal", 1.0
-    )
-    assert c["delta"] > 0.3 and c["delta_low"] > 0 and c["p_value"] < 0.01
+    pair = [(("jepa", "finetune"), ("supervised", "scratch"))]
+
+    def compare() -> pd.Series:
+        table = report.comparisons(study, report.bootstraps(study, frames), pair, ("auroc",))
+        assert len(table) == 1  # one pair, one fraction, one cohort, one metric
+        return table.iloc[0]
+
+    c = compare()
+    assert (c.cohort, c.model, c.against) == ("internal", "jepa / finetune", "supervised / scratch")
+    assert c.delta > 0.3 and c.delta_low > 0 and c.p_value < 0.01 and c.verdict == "helped"
     frames[Run("supervised", "scratch", 1.0, 0)] = _frame(good, y)
-    c = ss.compare_models(
-        study, frames, ("jepa", "finetune"), ("supervised", "scratch"), "internal", 1.0
-    )
-    assert c["delta"] == 0 and ss.verdict(c["delta_low"], c["delta_high"]) == "tied"
+    c = compare()
+    assert c.delta == 0 and c.verdict == "tied"
 
 
 def test_micro_study_runs_resumes_and_reports(tmp_path, monkeypatch):
@@ -160,6 +165,12 @@ def test_micro_study_runs_resumes_and_reports(tmp_path, monkeypatch):
     assert set(comparisons["cohort"]) == {"internal", "external"}
     assert set(comparisons["verdict"]) <= {"helped", "tied", "hurt"}
     assert "## structure" in text and "Where it helped, tied and hurt" in text
+    # each Δ is the difference of the two models' AUROCs in the scenario's results table
+    results = pd.read_csv(out / "results.csv")
+    for r in comparisons.itertuples():
+        rows = results[(results["scenario"] == r.scenario) & (results["cohort"] == r.cohort)]
+        auroc = rows.set_index("method")["auroc_mean"]
+        assert r.delta == pytest.approx(auroc["jepa"] - auroc["supervised"])
     # the two scenarios are two cohorts, generated with the asked-for structure
     cohorts = sorted((tmp_path / "cohorts").iterdir())
     assert len(cohorts) == 2
@@ -212,12 +223,13 @@ def test_report_summary_counts_a_cohort_shared_by_two_knobs_once(tmp_path):
                           "protocol": protocol, "auroc_mean": 0.7})  # fmt: skip
         delta = 0.1 if sc.scenario_id == spec.scenarios[0].scenario_id else 0.0
         comparisons.append({"knob": sc.knob, "x": str(sc.x), "scenario": sc.scenario_id,
-                            "label_pct": 100.0, "cohort": "internal", "model": "jepa/finetune",
-                            "reference": "supervised/scratch", "delta": delta,
-                            "delta_low": delta - 0.05, "delta_high": delta + 0.05, "p_value": 0.5,
-                            "verdict": ss.verdict(delta - 0.05, delta + 0.05)})  # fmt: skip
-    text = ss.report(spec, pd.DataFrame(table), pd.DataFrame(comparisons))
+                            "model": "jepa / finetune", "against": "supervised / scratch",
+                            "label_pct": 100.0, "cohort": "internal", "metric": "auroc",
+                            "delta": delta, "delta_low": delta - 0.05,
+                            "delta_high": delta + 0.05, "p_value": 0.5,
+                            "verdict": report.verdict(delta - 0.05, delta + 0.05)})  # fmt: skip
+    text = report.synthetic_report(spec, pd.DataFrame(table), pd.DataFrame(comparisons))
     # 4 knob values, 3 cohorts: the base cohort (structure=shared = missing=0.15) is listed once
     assert "**helped** (1 of 3 distinct comparisons)" in text
-    assert "- structure=shared = missing=0.15, internal, vs supervised/scratch: Δ +0.100" in text
+    assert "- structure=shared = missing=0.15, internal, vs supervised / scratch: Δ +0.100" in text
     assert "**tied** (2 of 3 distinct comparisons)" in text

@@ -29,7 +29,7 @@ from sklearn.preprocessing import StandardScaler
 from data_modules.label_subsets import apply_label_fraction
 from data_modules.lidc import RATINGS, nodule_table
 from jepa_lightning.evaluation import stats
-from jepa_lightning.evaluation.tables import markdown_table
+from jepa_lightning.evaluation.report import markdown_table
 
 RATING_FEATURES = [f"{r}_median" for r in RATINGS] + ["n_readers"]
 C_GRID = (0.01, 0.1, 1.0, 10.0)

@@ -1,7 +1,9 @@
-"""Figures of a study: ROC curves per cohort and a 2-D t-SNE map of backbone embeddings.
+"""Figures of a study: ROC curves per cohort, a 2-D t-SNE map of backbone embeddings, and
+the synthetic study's AUROC against each knob.
 
-Both read prediction tables (``scan_id, patient_id, cohort, label, prob, emb_*``) written by
-:class:`~jepa_lightning.callbacks.PredictionWriter`; nothing here runs a model.
+The first two read prediction tables (``scan_id, patient_id, cohort, label, prob, emb_*``)
+written by :class:`~jepa_lightning.callbacks.PredictionWriter`, the third the results table
+of :func:`~jepa_lightning.evaluation.report.summarise`; nothing here runs a model.
 """
 
 from __future__ import annotations
@@ -117,5 +119,62 @@ def tsne_figure(
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _is_number(x: str) -> bool:
+    try:
+        float(x)
+    except ValueError:
+        return False
+    return True
+
+
+def knob_figure(
+    table: pd.DataFrame, knobs: dict[str, list[str]], title: str, path: str | Path
+) -> Path:
+    """AUROC (mean over subsets, CI band) against each knob's values (``knobs``: knob ->
+    its ``x`` values, as in the table's ``x`` column), at the largest label fraction: one
+    row of panels per knob, one column per cohort, one line per model. Numeric values sit
+    at their positions on the axis, others evenly spaced."""
+    path = Path(path)
+    cohorts = sorted(table["cohort"].unique())
+    fig, axes = plt.subplots(
+        len(knobs),
+        len(cohorts),
+        figsize=(4.6 * len(cohorts), 3.4 * len(knobs)),
+        squeeze=False,
+        layout="constrained",  # leaves room for the suptitle (tight_layout overlapped it)
+    )
+    fraction = table["label_pct"].max()
+    for r, (knob, xs) in enumerate(knobs.items()):
+        pos = [float(x) for x in xs] if all(map(_is_number, xs)) else list(range(len(xs)))
+        for c, cohort in enumerate(cohorts):
+            ax = axes[r][c]
+            sub = table[
+                (table["knob"] == knob)
+                & (table["cohort"] == cohort)
+                & (table["label_pct"] == fraction)
+            ]
+            for i, ((method, protocol), g) in enumerate(
+                sub.groupby(["method", "protocol"], sort=False)
+            ):
+                g = g.set_index("x").loc[xs]
+                colour = COLOURS[i % len(COLOURS)]
+                ax.plot(
+                    pos, g["auroc_mean"], marker="o", color=colour, label=f"{method} / {protocol}"
+                )
+                ax.fill_between(
+                    pos, g["auroc_ci_low"], g["auroc_ci_high"], color=colour, alpha=0.15
+                )
+            ax.axhline(0.5, ls=":", color="grey", lw=1)
+            ax.set_xticks(pos, xs)
+            ax.set(title=f"{cohort}", xlabel=knob, ylabel="AUROC")
+            if r == 0 and c == len(cohorts) - 1:
+                ax.legend(fontsize=7, loc="best")
+    fig.suptitle(title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

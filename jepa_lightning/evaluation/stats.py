@@ -4,7 +4,11 @@ Why patient-level: scans of one patient are correlated, so resampling scans woul
 intervals too narrow. Each bootstrap resample draws *patients* with replacement and keeps
 all their scans. Why one shared set of resamples: the CI of a model and its paired test
 against a reference then use the same resampled test sets, which is what makes the test
-paired (the models' errors on the same patients cancel in the difference).
+paired (the models' errors on the same patients cancel in the difference). A model may be
+several prediction tables (finetuning seeds, label subsets): it is their mean, and each
+resample scores all of them on the same patients. :func:`bootstrap` scores every model of a
+table at once (what the study report uses); :func:`bootstrap_summary` and
+:func:`paired_bootstrap` are the one-model and one-pair views of it.
 
 The metrics are torchmetrics' functional ``binary_auroc`` and ``binary_average_precision``
 (AUPRC as average precision, the usual estimator). A resample whose scans are all of one
@@ -19,6 +23,7 @@ dual to the percentile CI of ``delta`` (p < 0.05 roughly when the 95 % CI exclud
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -150,54 +155,109 @@ def align(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
     return base
 
 
+Frames = pd.DataFrame | Sequence[pd.DataFrame]
+
+
+@dataclass
+class Bootstrap:
+    """Several models scored on one shared set of patient-level resamples of the same scans.
+
+    A model is the mean over its members (finetuning seeds, label subsets): its point
+    estimate is the mean of the members' metrics, and each resample scores every member on
+    the same patients, so its CI covers both the test patients and the seeds' average. One
+    object serves a whole table: every CI and every paired test in it uses the same resampled
+    test sets (what makes the tests paired), and the metrics are computed once."""
+
+    label: np.ndarray  # [N] 0/1 of the labelled scans every model was scored on
+    n_patients: int
+    points: dict[str, dict[str, np.ndarray]]  # metric -> model -> [members]
+    samples: dict[str, dict[str, np.ndarray]]  # metric -> model -> [R], mean over members
+
+    def summary(self, name: str, model: str, level: float = 0.95) -> dict[str, float]:
+        """Mean and sd over the members, percentile CI of the mean, valid resamples."""
+        points, samples = self.points[name][model], self.samples[name][model]
+        low, high = percentile_ci(samples, level)
+        return {
+            "mean": float(np.mean(points)),
+            "sd": float(np.std(points, ddof=1)) if len(points) > 1 else float("nan"),
+            "low": low,
+            "high": high,
+            "n_valid": int(np.isfinite(samples).sum()),
+        }
+
+    def paired(self, name: str, model: str, reference: str, level: float = 0.95) -> dict:
+        """``model - reference`` (each the mean over its members) on the same scans: the
+        difference, its CI and the two-sided paired p-value."""
+        points = self.points[name]
+        delta = self.samples[name][model] - self.samples[name][reference]
+        low, high = percentile_ci(delta, level)
+        return {
+            "delta": float(points[model].mean() - points[reference].mean()),
+            "low": low,
+            "high": high,
+            "p_value": paired_p_value(delta),
+            "n_valid": int(np.isfinite(delta).sum()),
+        }
+
+
+def bootstrap(
+    models: dict[str, Frames],
+    names: Sequence[str] = ("auroc", "auprc"),
+    n_resamples: int = 1000,
+    seed: int = 0,
+) -> Bootstrap:
+    """Score every model (a predictions table, or a list of them to average) on the same
+    ``n_resamples`` patient-level resamples; unlabelled scans are left out. Raises
+    :class:`ScanMismatchError` unless all tables hold the same scans."""
+    members = {m: [f] if isinstance(f, pd.DataFrame) else list(f) for m, f in models.items()}
+    columns = {f"{m}|{i}": f for m, fs in members.items() for i, f in enumerate(fs)}
+    if len(columns) == 1:  # nothing to pair: keep the table as it is (repeated scans too)
+        ((column, frame),) = columns.items()
+        table = frame[["patient_id", "label"]].assign(**{column: frame["prob"].to_numpy()})
+    else:
+        table = align(columns)
+    table = table[table["label"].notna()]
+    label = table["label"].to_numpy().astype(int)
+    probs = table[list(columns)].to_numpy()
+    resamples = patient_bootstrap(table["patient_id"], n_resamples, seed)
+    points: dict[str, dict[str, np.ndarray]] = {}
+    samples: dict[str, dict[str, np.ndarray]] = {}
+    for name in names:
+        dist = bootstrap_distribution(name, probs, label, resamples)
+        points[name], samples[name] = {}, {}
+        start = 0
+        for model, fs in members.items():
+            idx = list(range(start, start + len(fs)))
+            start += len(fs)
+            points[name][model] = np.array([metric(name, probs[:, i], label) for i in idx])
+            samples[name][model] = dist[:, idx].mean(1)
+    return Bootstrap(label, table["patient_id"].nunique(), points, samples)
+
+
 def bootstrap_summary(
-    frame: pd.DataFrame,
+    frames: Frames,
     name: str = "auroc",
     n_resamples: int = 1000,
     seed: int = 0,
     level: float = 0.95,
 ) -> dict[str, float]:
-    """Point estimate and patient-level bootstrap CI of one predictions table
-    (``patient_id``, ``label``, ``prob``; unlabelled scans are left out)."""
-    frame = frame[frame["label"].notna()]
-    label = frame["label"].to_numpy().astype(int)
-    prob = frame["prob"].to_numpy()
-    dist = bootstrap_distribution(
-        name, prob[:, None], label, patient_bootstrap(frame["patient_id"], n_resamples, seed)
-    )[:, 0]
-    low, high = percentile_ci(dist, level)
-    return {
-        "point": metric(name, prob, label),
-        "low": low,
-        "high": high,
-        "n_valid": int(np.isfinite(dist).sum()),
-    }
+    """Point estimate (mean over ``frames`` when several) and patient-level bootstrap CI of
+    one model's predictions (``patient_id``, ``label``, ``prob``)."""
+    s = bootstrap({"model": frames}, [name], n_resamples, seed).summary(name, "model", level)
+    return {"point": s["mean"], "low": s["low"], "high": s["high"], "n_valid": s["n_valid"]}
 
 
 def paired_bootstrap(
-    model: pd.DataFrame,
-    reference: pd.DataFrame,
+    model: Frames,
+    reference: Frames,
     name: str = "auroc",
     n_resamples: int = 1000,
     seed: int = 0,
     level: float = 0.95,
 ) -> dict[str, float]:
-    """``metric(model) - metric(reference)`` on the same scans: the difference, its
-    patient-level bootstrap CI and the two-sided paired p-value. Raises
-    :class:`ScanMismatchError` when the two were not predicted on the same scans."""
-    table = align({"model": model, "reference": reference})
-    table = table[table["label"].notna()]
-    label = table["label"].to_numpy().astype(int)
-    probs = table[["model", "reference"]].to_numpy()
-    dist = bootstrap_distribution(
-        name, probs, label, patient_bootstrap(table["patient_id"], n_resamples, seed)
-    )
-    delta = dist[:, 0] - dist[:, 1]
-    low, high = percentile_ci(delta, level)
-    return {
-        "delta": metric(name, probs[:, 0], label) - metric(name, probs[:, 1], label),
-        "low": low,
-        "high": high,
-        "p_value": paired_p_value(delta),
-        "n_valid": int(np.isfinite(delta).sum()),
-    }
+    """``metric(model) - metric(reference)`` on the same scans (each averaged over its
+    tables when given several, e.g. finetuning seeds): the difference, its patient-level
+    bootstrap CI and the two-sided paired p-value. Raises :class:`ScanMismatchError` when
+    they were not predicted on the same scans."""
+    b = bootstrap({"model": model, "reference": reference}, [name], n_resamples, seed)
+    return b.paired(name, "model", "reference", level)

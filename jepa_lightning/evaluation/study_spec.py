@@ -20,6 +20,7 @@ methods:
   jepa:
     pretrain: experiments/quickstart/pretrain.yaml    # a `fit` config; its checkpoint is init_from
     pretrain_args: [--trainer.max_epochs=20]
+    pretrain_checkpoint: best   # best by the config's monitor (else last), or last
     protocols: [linear_probe, finetune]
   supervised_image:
     configs: []                                       # downstream configs before the protocol's
@@ -61,6 +62,7 @@ class Method:
     name: str
     pretrain: str | None = None
     pretrain_args: tuple[str, ...] = ()
+    pretrain_checkpoint: str = "best"
     configs: tuple[str, ...] = ()
     args: tuple[str, ...] = ()
     protocols: tuple[str, ...] = ()
@@ -97,6 +99,10 @@ class Study:
     tsne_fraction: float | None = None
     source: str = "<study>"
 
+    def models(self) -> list[tuple[str, str]]:
+        """Every (method, protocol) the study trains, in the YAML's order."""
+        return [(m.name, p) for m in self.methods.values() for p in m.protocols]
+
     def runs(self) -> list[Run]:
         """The grid, method by method (so a method's pretraining is used right away)."""
         return [
@@ -113,7 +119,7 @@ TOP_KEYS = {
     "name", "out", "methods", "protocols", "label_fractions", "subsets", "common_args",
     "reference", "comparisons", "bootstrap", "tsne",
 }  # fmt: skip
-METHOD_KEYS = {"pretrain", "pretrain_args", "configs", "args", "protocols"}
+METHOD_KEYS = {"pretrain", "pretrain_args", "pretrain_checkpoint", "configs", "args", "protocols"}
 PROTOCOL_KEYS = {"configs", "args", "pretrained"}
 BOOTSTRAP_KEYS = {"n_resamples", "seed", "level"}
 
@@ -194,6 +200,11 @@ def parse_study(data: Any, source: str = "<study>", out: str | None = None) -> S
         pretrain = spec.get("pretrain")
         if pretrain is not None:
             (pretrain,) = _config_paths([pretrain], f"{key}.pretrain", source)
+        checkpoint = spec.get("pretrain_checkpoint", "best")
+        if checkpoint not in ("best", "last"):
+            raise StudyConfigError(
+                f"{source}: {key}.pretrain_checkpoint must be best or last, got {checkpoint!r}"
+            )
         names = _str_list(spec.get("protocols"), f"{key}.protocols", source)
         if not names:
             raise StudyConfigError(f"{source}: {key}.protocols must list at least one protocol")
@@ -220,6 +231,7 @@ def parse_study(data: Any, source: str = "<study>", out: str | None = None) -> S
             mname,
             pretrain,
             _str_list(spec.get("pretrain_args"), f"{key}.pretrain_args", source),
+            checkpoint,
             configs,
             _str_list(spec.get("args"), f"{key}.args", source),
             names,

@@ -33,6 +33,11 @@ knobs:
 
 Scenarios with the same data settings (e.g. the default value of two knobs) are run once
 and shared: a scenario's folder and cohort are named by a hash of its settings.
+
+This module is only the scenario layer (the YAML above, one study per scenario): each
+scenario's grid runs through :mod:`~jepa_lightning.evaluation.runs` like any study, is
+scored by :mod:`~jepa_lightning.evaluation.report` (so its table and comparisons are the
+study's own), and the figure is :func:`~jepa_lightning.evaluation.plots.knob_figure`.
 """
 
 from __future__ import annotations
@@ -49,24 +54,14 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from jepa_lightning.evaluation.study import (
-    METRIC_NAMES,
-    StudyStateError,
-    compare_models,
-    load_predictions,
-    run_status,
-    run_study,
-    summarise,
-    verdict,
-)
+from jepa_lightning.evaluation import report, runs
+from jepa_lightning.evaluation.plots import knob_figure
 from jepa_lightning.evaluation.study_spec import (
-    Run,
     Study,
     StudyConfigError,
     load_study,
     model_of_study,
 )
-from jepa_lightning.evaluation.tables import markdown_table
 
 TOP_KEYS = {"name", "out", "grid", "cohort_root", "data", "compare", "knobs", "bootstrap"}
 KNOB_KEYS = {"key", "values", "description"}
@@ -254,204 +249,48 @@ def load_synthetic_study(path: str | Path) -> SyntheticStudy:
     return parse_synthetic_study(yaml.safe_load(path.read_text()), str(path))
 
 
-# --- comparisons ----------------------------------------------------------------------------
-# --- running and collecting -----------------------------------------------------------------
+# --- running and scoring -------------------------------------------------------------------
 def run_all(spec: SyntheticStudy) -> None:
+    """Run every distinct scenario's grid (each a study in its own folder; resumable)."""
+    from data_modules.cache import shared_volume_cache  # heavy (MONAI): only when running
+
     unique = spec.unique_scenarios()
     t0 = time.perf_counter()
     for i, scenario in enumerate(unique, 1):
         study = spec.scenario_study(scenario)
-        todo = sum(not done for _, done in run_status(study))
+        todo = sum(not done for _, done in runs.run_status(study))
         shown = ", ".join(f"{k}={json.loads(v)}" for k, v in scenario.data if k not in spec.data)
         _say(
             f"scenario {i}/{len(unique)} {scenario.scenario_id} ({scenario.knob}: {shown}); "
             f"{todo} runs to do; elapsed {(time.perf_counter() - t0) / 60:.1f} min"
         )
         study.out.mkdir(parents=True, exist_ok=True)
-        from data_modules.cache import shared_volume_cache  # heavy (MONAI): only when running
-
         with shared_volume_cache():  # one decode per scenario, not one per run
-            run_study(study)
+            runs.run_study(study)
 
 
 def collect(spec: SyntheticStudy) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The per-model table and the comparison table, one block of rows per scenario
-    (a scenario shared by two knobs appears under both)."""
-    rows, comparisons = [], []
-    cache: dict[str, tuple[Study, dict[Run, pd.DataFrame], pd.DataFrame]] = {}
+    """The per-model table and the comparison table (``spec.model`` against each of
+    ``spec.against``), one block of rows per scenario (a scenario shared by two knobs
+    appears under both); each scenario is scored once."""
+    pairs = [(spec.model, ref) for ref in spec.against]
+    scored: dict[str, tuple[pd.DataFrame, pd.DataFrame]] = {}
+    tables, comparisons = [], []
     for scenario in spec.scenarios:
-        if scenario.scenario_id not in cache:
+        if scenario.scenario_id not in scored:
             study = spec.scenario_study(scenario)
-            frames = load_predictions(study)
-            cache[scenario.scenario_id] = (study, frames, summarise(study, frames))
-        study, frames, table = cache[scenario.scenario_id]
-        table = table.copy()
-        table.insert(0, "knob", scenario.knob)
-        table.insert(1, "x", str(scenario.x))
-        table.insert(2, "scenario", scenario.scenario_id)
-        rows.append(table)
-        for fraction in study.label_fractions:
-            for cohort in sorted(table["cohort"].unique()):
-                for ref in spec.against:
-                    c = compare_models(study, frames, spec.model, ref, cohort, fraction)
-                    comparisons.append(
-                        {
-                            "knob": scenario.knob,
-                            "x": str(scenario.x),
-                            "scenario": scenario.scenario_id,
-                            "label_pct": 100 * fraction,
-                            "cohort": cohort,
-                            "model": "/".join(spec.model),
-                            "reference": "/".join(ref),
-                            **c,
-                            "verdict": verdict(c["delta_low"], c["delta_high"]),
-                        }
-                    )
-    return pd.concat(rows, ignore_index=True), pd.DataFrame(comparisons)
-
-
-# --- outputs --------------------------------------------------------------------------------
-def knob_figure(spec: SyntheticStudy, table: pd.DataFrame, path: Path) -> Path:
-    """AUROC (mean over subsets, bootstrap CI band) against each knob's values: one row of
-    panels per knob, one column per cohort, one line per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cohorts = sorted(table["cohort"].unique())
-    knobs = list(spec.knobs)
-    fig, axes = plt.subplots(
-        len(knobs),
-        len(cohorts),
-        figsize=(4.6 * len(cohorts), 3.4 * len(knobs)),
-        squeeze=False,
-        layout="constrained",  # leaves room for the suptitle (tight_layout overlapped it)
-    )
-    fraction = table["label_pct"].max()
-    for r, knob in enumerate(knobs):
-        xs = [str(x) for x in spec.knobs[knob][1]]
-        numeric = all(_is_number(x) for x in xs)
-        pos = [float(x) for x in xs] if numeric else list(range(len(xs)))
-        for c, cohort in enumerate(cohorts):
-            ax = axes[r][c]
-            sub = table[
-                (table["knob"] == knob)
-                & (table["cohort"] == cohort)
-                & (table["label_pct"] == fraction)
-            ]
-            for i, ((method, protocol), g) in enumerate(
-                sub.groupby(["method", "protocol"], sort=False)
-            ):
-                g = g.set_index("x").loc[xs]
-                colour = f"C{i}"
-                ax.plot(
-                    pos, g["auroc_mean"], marker="o", color=colour, label=f"{method} / {protocol}"
-                )
-                ax.fill_between(
-                    pos, g["auroc_ci_low"], g["auroc_ci_high"], color=colour, alpha=0.15
-                )
-            ax.axhline(0.5, ls=":", color="grey", lw=1)
-            ax.set_xticks(pos, xs)
-            ax.set(title=f"{cohort}", xlabel=knob, ylabel="AUROC")
-            if r == 0 and c == len(cohorts) - 1:
-                ax.legend(fontsize=7, loc="best")
-    fig.suptitle(
-        f"Synthetic study {spec.name}: AUROC (mean over subsets, {spec.level:.0%} CI band)"
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def _is_number(x: str) -> bool:
-    try:
-        float(x)
-    except ValueError:
-        return False
-    return True
-
-
-def _ci(low: float, high: float) -> str:
-    return f"[{low:+.3f}, {high:+.3f}]"
-
-
-def report(spec: SyntheticStudy, table: pd.DataFrame, comparisons: pd.DataFrame) -> str:
-    """Markdown: per knob and value, the model against each reference, and the regimes in
-    which it helped, tied or hurt — every claim with its number and CI."""
-    model = "/".join(spec.model)
-    lines = [
-        f"# Synthetic study `{spec.name}`: when does {model} help?",
-        "",
-        f"Config `{spec.source}`; method grid `{spec.grid}`; base data settings "
-        f"`{json.dumps(spec.data)}`. AUROC on each cohort's test scans, mean over the grid's "
-        f"subsets; Δ = {model} minus the reference on the same scans, with its patient-level "
-        f"bootstrap {spec.level:.0%} CI ({spec.n_resamples} resamples). *helped* / *hurt*: "
-        "the CI excludes 0; *tied*: it does not.",
-        "",
-    ]
-    # A scenario shared by several knobs (the base cohort is every knob's default value)
-    # appears under each of them; the summary lists each distinct comparison once.
-    distinct: dict[tuple, dict] = {}
-    for knob, (key, _, text) in spec.knobs.items():
-        lines += [f"## {knob} (`data.init_args.{key}`)", ""]
-        if text:
-            lines += [text, ""]
-        sub = comparisons[comparisons["knob"] == knob]
-        rows = []
-        for r in sub.itertuples(index=False):
-            ref_row = table[
-                (table["knob"] == knob)
-                & (table["x"] == r.x)
-                & (table["cohort"] == r.cohort)
-                & (table["label_pct"] == r.label_pct)
-            ]
-            mine = ref_row[(ref_row["method"] + "/" + ref_row["protocol"]) == model]
-            theirs = ref_row[(ref_row["method"] + "/" + ref_row["protocol"]) == r.reference]
-            rows.append(
-                {
-                    knob: r.x,
-                    "cohort": r.cohort,
-                    "reference": r.reference,
-                    model: f"{mine['auroc_mean'].iloc[0]:.3f}",
-                    "reference AUROC": f"{theirs['auroc_mean'].iloc[0]:.3f}",
-                    "Δ AUROC": f"{r.delta:+.3f}",
-                    f"Δ {spec.level:.0%} CI": _ci(r.delta_low, r.delta_high),
-                    "p": f"{r.p_value:.3f}",
-                    "verdict": r.verdict,
-                }
-            )
-            entry = distinct.setdefault(
-                (r.scenario, r.cohort, r.reference, r.label_pct),
-                {"where": [], "row": r},
-            )
-            entry["where"].append(f"{knob}={r.x}")
-        lines += [markdown_table(pd.DataFrame(rows)), ""]
-    verdicts: dict[str, list[str]] = {"helped": [], "tied": [], "hurt": []}
-    for entry in distinct.values():
-        r = entry["row"]
-        verdicts[r.verdict].append(
-            f"{' = '.join(entry['where'])}, {r.cohort}, vs {r.reference}: Δ {r.delta:+.3f} "
-            f"{_ci(r.delta_low, r.delta_high)}"
-        )
-    lines += [
-        "## Where it helped, tied and hurt",
-        "",
-        "Each distinct comparison once; `a=x = b=y` marks one cohort that is the value of "
-        "several knobs (the base cohort is every knob's default).",
-        "",
-    ]
-    for v in ("helped", "tied", "hurt"):
-        items = verdicts[v]
-        lines.append(
-            f"**{v}** ({len(items)} of {len(distinct)} distinct comparisons)"
-            + (":" if items else ".")
-        )
-        lines += [f"- {i}" for i in items]
-        lines.append("")
-    lines += ["![AUROC against each knob](knobs.png)", ""]
-    return "\n".join(lines)
+            boots = report.bootstraps(study, runs.load_predictions(study))
+            # per cohort, then per reference (the report's order)
+            pairs_table = report.comparisons(study, boots, pairs, ("auroc",))
+            pairs_table = pairs_table.sort_values(["label_pct", "cohort"], kind="stable")
+            scored[scenario.scenario_id] = (report.summarise(study, boots), pairs_table)
+        for block, out in zip(scored[scenario.scenario_id], (tables, comparisons), strict=True):
+            block = block.copy()
+            block.insert(0, "knob", scenario.knob)
+            block.insert(1, "x", str(scenario.x))
+            block.insert(2, "scenario", scenario.scenario_id)
+            out.append(block)
+    return pd.concat(tables, ignore_index=True), pd.concat(comparisons, ignore_index=True)
 
 
 def write_outputs(spec: SyntheticStudy, wall_s: float | None = None) -> str:
@@ -459,8 +298,13 @@ def write_outputs(spec: SyntheticStudy, wall_s: float | None = None) -> str:
     spec.out.mkdir(parents=True, exist_ok=True)
     table.to_csv(spec.out / "results.csv", index=False)
     comparisons.to_csv(spec.out / "comparisons.csv", index=False)
-    knob_figure(spec, table, spec.out / "knobs.png")
-    text = report(spec, table, comparisons)
+    knob_figure(
+        table,
+        {knob: [str(x) for x in values] for knob, (_, values, _) in spec.knobs.items()},
+        f"Synthetic study {spec.name}: AUROC (mean over subsets, {spec.level:.0%} CI band)",
+        spec.out / "knobs.png",
+    )
+    text = report.synthetic_report(spec, table, comparisons)
     if wall_s is not None:
         text += f"\nWall time of the runs of this invocation: {wall_s / 60:.1f} min.\n"
     (spec.out / "report.md").write_text(text)
@@ -478,7 +322,7 @@ def main(argv: list[str] | None = None) -> str | None:
     if args.dry_run:
         for s in spec.unique_scenarios():
             knobs = [f"{x.knob}={x.x}" for x in spec.scenarios if x.scenario_id == s.scenario_id]
-            status = run_status(spec.scenario_study(s))
+            status = runs.run_status(spec.scenario_study(s))
             done = sum(d for _, d in status)
             print(f"{s.scenario_id} ({', '.join(knobs)}): {done}/{len(status)} runs done")
         return None
@@ -493,8 +337,5 @@ def main(argv: list[str] | None = None) -> str | None:
 if __name__ == "__main__":
     try:
         main()
-    except (StudyStateError, ValueError) as err:
+    except (runs.StudyStateError, ValueError) as err:
         sys.exit(f"error: {err}")
-
-
-__all__ = ["METRIC_NAMES", "SyntheticStudy", "load_synthetic_study", "main", "verdict"]

@@ -18,6 +18,27 @@ import pandas as pd  # noqa: E402
 from jepa_lightning.loggers import wandb_should_be_offline  # noqa: E402
 
 
+def results_view(table: pd.DataFrame) -> pd.DataFrame:
+    """A study's results table (:func:`~jepa_lightning.evaluation.report.summarise`) as
+    W&B shows it: one row per model and cohort (the label fraction in the model's name when
+    the study has several), mean and sd over subsets."""
+    several = table["label_pct"].nunique() > 1
+    method = table["method"] + " / " + table["protocol"]
+    if several:
+        method = method + " @ " + table["label_pct"].map(lambda f: f"{f:g} %")
+    return pd.DataFrame(
+        {
+            "method": method,
+            "cohort": table["cohort"],
+            "n_scans": table["n_scans"],
+            "AUROC": table["auroc_mean"],
+            "AUROC_sd": table["auroc_sd"],
+            "AUPRC": table["auprc_mean"],
+            "AUPRC_sd": table["auprc_sd"],
+        }
+    )
+
+
 def auroc_plot(table: pd.DataFrame, path: Path) -> Path:
     """Bar chart of AUROC (± sd when present) per method and cohort, written to ``path``."""
     cohorts = sorted(table["cohort"].unique())
