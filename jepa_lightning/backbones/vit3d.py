@@ -87,7 +87,7 @@ class PatchEmbed3D(nn.Module):
     MONAI-style weights load unchanged), but the forward is the equivalent GEMM over
     flattened patches: with non-overlapping patches a convolution *is* one matrix product,
     and on CPU oneDNN's 3-D convolution and its backward measured 1.1-2x slower than that
-    single GEMM (README: Performance). Same result up to float summation order.
+    single GEMM (experiments/benchmarks/README.md). Same result up to float summation order.
     """
 
     def __init__(self, patch_size: int | Sequence[int], in_chans: int, embed_dim: int):

@@ -1,7 +1,8 @@
 """MultimodalJEPA: predict, in latent space, what an EMA target encoder says about hidden parts
 of a patient's CT and EHR, from the visible parts (image -> image, image -> EHR, EHR -> image).
 
-What makes it learn (each measured on the quickstart cohort, README "Watching for collapse"):
+What makes it learn (each measured on the quickstart cohort; tasks/README.md, "Watching for
+collapse"):
 
 * **Targets about their own modality** (``target_mode: per_modality``): the target encoder
   encodes the image alone and the EHR alone. When it sees both, image target tokens carry
