@@ -1,10 +1,10 @@
-"""CT preprocessing: MONAI's readers and transforms, configured from YAML.
+"""CT preprocessing: MONAI transforms after reading, configured from YAML.
 
 The chain (dictionary transforms on ``{"image": path, "roi": (x, y, z) mm or None, ...}``):
 
-1. :class:`LoadCTd` — a NIfTI file through nibabel (reoriented to RAS while reading) or a
-   folder holding one DICOM series through MONAI's ``LoadImage`` (``PydicomReader``) and
-   ``Orientation``, into a ``MetaTensor`` with its affine; every failure names the file;
+1. :class:`~data_modules.readers.LoadCTd` — a NIfTI file or a DICOM series into a
+   ``MetaTensor`` with its affine, reoriented; every failure names the file
+   (:mod:`data_modules.readers`);
 2. when ``spacing`` is set, MONAI's ``Spacing`` (trilinear, mm);
 3. :class:`CropAroundROId` — a ``crop_size`` box centred on the nodule (``roi_x/y/z`` in world
    mm, mapped to voxels through the *current* affine), or on the foreground when the row has
@@ -24,24 +24,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
-import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import nibabel as nib
 import numpy as np
 import torch
-from monai.data import ImageReader, MetaTensor
 from monai.transforms import (
     BorderPad,
     Compose,
-    EnsureChannelFirst,
-    LoadImage,
     MapTransform,
-    Orientation,
     RandAffine,
     RandFlip,
     RandRotate90,
@@ -55,20 +48,9 @@ from monai.transforms import (
 )
 from monai.transforms.utils import generate_spatial_bounding_box
 
-from data_modules.dicom import (
-    NotOneVolume,
-    VolumeHeaders,
-    check_volume,
-    read_enhanced_ct,
-    volume_headers,
-)
+from data_modules.readers import BadSampleError, LoadCTd, as_bad_sample, file_stamp
 
-RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 PREPROCESS_VERSION = 2  # bump when the chain changes in a way the config does not show
-
-
-class BadSampleError(ValueError):
-    """One scan cannot be used; the message names the file and what to do."""
 
 
 @dataclass(frozen=True)
@@ -153,158 +135,6 @@ class CTAugment:
         if self.intensity_prob > 0 and self.intensity_shift > 0:
             steps.append(RandShiftIntensity(offsets=self.intensity_shift, prob=self.intensity_prob))
         return Compose(steps)
-
-
-# --- loading --------------------------------------------------------------------------------
-
-
-def file_stamp(path: str | Path) -> str:
-    """What identifies a file's content cheaply: size and mtime (ns); for a DICOM folder, the
-    names, sizes and mtimes of its files. A changed or replaced file changes the stamp."""
-    path = Path(path)
-    try:
-        if path.is_dir():
-            h = hashlib.sha256()
-            for f in sorted(path.iterdir()):
-                st = f.stat()
-                h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
-            return "dir-" + h.hexdigest()[:24]
-        st = path.stat()
-        return f"{st.st_size}-{st.st_mtime_ns}"
-    except OSError:
-        return "missing"
-
-
-def dicom_volume(path: Path) -> VolumeHeaders:
-    """The checked headers of the DICOM volume at ``path`` (a series folder or an Enhanced CT
-    file): every reason it is not one CT volume raises a :class:`BadSampleError` naming
-    ``path`` (see :mod:`data_modules.dicom`)."""
-    try:
-        headers = volume_headers(path)
-        check_volume(headers)
-    except NotOneVolume as err:
-        raise BadSampleError(f"image {path} {err}") from err
-    return headers
-
-
-def is_dicom_path(path: Path) -> bool:
-    """A folder (DICOM series) or a file that is not NIfTI and has DICOM's preamble."""
-    if path.is_dir():
-        return True
-    name = path.name.lower()
-    if name.endswith((".nii", ".nii.gz", ".img", ".hdr")):
-        return False
-    import pydicom
-
-    return bool(pydicom.misc.is_dicom(path))
-
-
-def _load_image(reader: str | ImageReader) -> LoadImage:
-    """MONAI ``LoadImage`` with ``reader`` first. Building it registers every installed reader
-    as a fallback, and the GPU DICOM decoder plugin warns (log + warning) when its optional
-    CUDA codec is absent: noise on every CPU machine, silenced here only."""
-    plugin_log = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
-    level = plugin_log.level
-    plugin_log.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
-            return LoadImage(reader=reader, image_only=True)
-    finally:
-        plugin_log.setLevel(level)
-
-
-class LoadCTd(MapTransform):
-    """MONAI ``LoadImage`` for ``image`` (NIfTI file or DICOM-series folder), channel first,
-    with the checks of the data contract: file present and readable, 3-D, finite voxels.
-
-    A DICOM folder must hold one CT series (checked from the headers first, see
-    :mod:`data_modules.dicom`: modality, localizers, orientation, slice count, spacing,
-    gantry tilt, decoders); MONAI's ``PydicomReader`` applies rescale slope/intercept, orders
-    slices by InstanceNumber and builds the affine from the first and last
-    ImagePositionPatient, so the checks include that InstanceNumber order is the spatial
-    order. An Enhanced CT file (multi-frame), or a folder holding only one, is read by
-    :func:`~data_modules.dicom.read_enhanced_ct` into the same layout.
-    """
-
-    def __init__(self, keys: str = "image", axcodes: str | None = "RAS"):
-        super().__init__(keys)
-        # NIfTI: nibabel reads and, for RAS, reorients (``as_closest_canonical``) into a
-        # MetaTensor carrying the affine. MONAI's LoadImage + Orientation do the same with
-        # ~15 ms more bookkeeping per volume, which would slow the quickstart's 32^3 cohort
-        # by a third; DICOM goes through MONAI's LoadImage (PydicomReader) + Orientation.
-        self.canonical = axcodes == "RAS"
-        self.orient = Orientation(axcodes, labels=RAS_LABELS) if axcodes else None
-        self.nifti_orient = None if self.canonical else self.orient
-        self._dicom: LoadImage | None = None  # built on first use
-
-    @property
-    def dicom(self) -> LoadImage:
-        if self._dicom is None:
-            self._dicom = _load_image("PydicomReader")
-        return self._dicom
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.load(Path(d[key]))
-        return d
-
-    def read_nifti(self, path: str) -> MetaTensor:
-        img = nib.load(path)
-        if self.canonical:
-            img = nib.as_closest_canonical(img)
-        data = np.asarray(img.get_fdata(dtype=np.float32))  # scale slope/intercept applied
-        return MetaTensor(
-            torch.from_numpy(data), affine=torch.as_tensor(img.affine, dtype=torch.float64)
-        )
-
-    def read_enhanced(self, path: Path, headers: VolumeHeaders) -> MetaTensor:
-        vol, affine = read_enhanced_ct(path, headers)
-        return MetaTensor(
-            torch.from_numpy(vol), affine=torch.as_tensor(affine, dtype=torch.float64)
-        )
-
-    def load(self, path: Path) -> torch.Tensor:
-        if not path.exists():
-            raise BadSampleError(f"image {path} does not exist: fix the manifest's 'image' entry")
-        if is_dicom_path(path):
-            headers = dicom_volume(path)  # every geometry/modality/decoder check, headers only
-            if headers.multiframe:
-                kind, orient = "an Enhanced CT file", self.orient
-                target = headers.files[0]
-
-                def loader(_: str) -> MetaTensor:
-                    return self.read_enhanced(target, headers)
-
-            else:
-                loader, kind, orient = self.dicom, "a DICOM series", self.orient
-        else:
-            loader, kind, orient = self.read_nifti, "NIfTI", self.nifti_orient
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                img = loader(str(path))
-        except Exception as err:  # truncated gzip, bad header, not an image, ...
-            cause = err.__cause__ or err
-            raise BadSampleError(
-                f"image {path} could not be read as {kind} ({type(cause).__name__}: {cause})"
-            ) from err
-        while img.ndim > 3 and img.shape[-1] == 1:
-            img = img[..., 0]
-        if img.ndim != 3:
-            raise BadSampleError(
-                f"image {path} has shape {tuple(img.shape)}; a 3-D CT volume is required"
-            )
-        img = EnsureChannelFirst(channel_dim="no_channel")(img)
-        finite = torch.isfinite(img.as_tensor() if hasattr(img, "as_tensor") else img)
-        if not bool(finite.all()):
-            n_bad = int((~finite).sum())
-            raise BadSampleError(
-                f"image {path} has {n_bad} NaN/inf voxels; fix or exclude the scan"
-            )
-        img = img.float() if img.dtype != torch.float32 else img
-        return orient(img) if orient is not None else img
 
 
 # --- ROI crop ---------------------------------------------------------------------------------
@@ -446,17 +276,3 @@ def load_volume(item: Mapping[str, Any], pipeline: Compose) -> torch.Tensor:
         return pipeline(dict(item))["image"]
     except Exception as err:
         raise as_bad_sample(err, item["source"]) from err
-
-
-def as_bad_sample(err: BaseException, source: str) -> BadSampleError:
-    """MONAI wraps a transform's exception in ``RuntimeError('applying transform ...')``:
-    find ours in the chain, or describe the underlying one with the file's name."""
-    e: BaseException | None = err
-    while e is not None:
-        if isinstance(e, BadSampleError):
-            return e
-        e = e.__cause__
-    root = err
-    while root.__cause__ is not None:
-        root = root.__cause__
-    return BadSampleError(f"image {source} failed preprocessing ({type(root).__name__}: {root})")

@@ -41,7 +41,7 @@ from data_modules.manifest import (
     resolve_image_paths,
     validate_manifest,
 )
-from data_modules.transforms import BadSampleError, LoadCTd, dicom_volume, is_dicom_path
+from data_modules.readers import BadSampleError, LoadCTd, dicom_volume, is_dicom_path
 
 
 @dataclass

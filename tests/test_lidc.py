@@ -22,23 +22,24 @@ import pytest
 
 from data_modules.lidc import (
     RATINGS,
-    Grid,
     LIDCCohortDataModule,
     LIDCDatabaseError,
     LIDCSpec,
     bundled_database,
-    cluster_annotations,
     ehr_feature_names,
     ensure_lidc_cohort,
     generate_lidc_cohort,
     malignancy_label,
+    read_database,
+)
+from data_modules.lidc.database import cluster_annotations, nodule_jobs
+from data_modules.lidc.render import (
+    Grid,
     nodule_grid,
-    nodule_jobs,
     planimetric_volume_mm3,
     polygon_area,
     polygon_coverage,
     rasterise,
-    read_database,
 )
 from jepa_lightning.evaluation.lidc_references import (
     reference_predictions,

@@ -24,14 +24,8 @@ import torch
 from sklearn.linear_model import RidgeCV
 from sklearn.model_selection import KFold, cross_val_score
 
-from data_modules.synthetic import (
-    FOV_MARGIN_MM,
-    LOBE_AMPLITUDE,
-    PATCH_GRID,
-    CohortSpec,
-    feature_names,
-    generate_cohort,
-)
+from data_modules.synthetic import CohortSpec, feature_names, generate_cohort
+from data_modules.synthetic.render import FOV_MARGIN_MM, LOBE_AMPLITUDE, PATCH_GRID
 from jepa_lightning.masking import JEPAMaskCollator
 
 G = PATCH_GRID

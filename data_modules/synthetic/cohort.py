@@ -1,0 +1,224 @@
+"""Writing a synthetic cohort to disk (and the ``python -m data_modules.synthetic`` CLI).
+
+``latents.parquet`` records every cause, the label's probability, the nodule and each
+finding's value beside the manifest, for checks and studies. Each patient's files are a
+pure function of ``(spec, cohort, index)``, so a cohort is the same for any number of
+generating processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from data_modules.cohort_files import (
+    default_workers,
+    existing_cohort,
+    map_records,
+    save_ct,
+    written_atomically,
+)
+from data_modules.synthetic.causes import (
+    World,
+    diffuse_findings,
+    finding_drivers,
+    label_logit,
+    make_world,
+    nodule_params,
+    patient_causes,
+)
+from data_modules.synthetic.render import ehr_vector, nodule_reach_mm, render_ct
+from data_modules.synthetic.spec import (
+    STRUCTURES,
+    CohortSpec,
+    ExternalShift,
+    external_site,
+    feature_names,
+)
+
+FORMAT_VERSION = 2  # 2: diffuse findings, off-centre nodule
+
+
+def _patient_rows(spec: CohortSpec) -> list[tuple[str, int, str]]:
+    """(cohort, index, split) for every patient, with patient-level splits."""
+    rng = np.random.default_rng([spec.seed, 7])
+    n = spec.n_patients
+    order = rng.permutation(n)
+    n_test, n_val = round(spec.test_fraction * n), round(spec.val_fraction * n)
+    split = np.empty(n, dtype=object)
+    split[order[:n_test]] = "test"
+    split[order[n_test : n_test + n_val]] = "val"
+    split[order[n_test + n_val :]] = "train"
+    rows = [("internal", i, split[i]) for i in range(n)]
+    return rows + [("external", i, "test") for i in range(spec.n_external)]
+
+
+@dataclass(frozen=True)
+class _Job:
+    """Everything one patient's files depend on besides the spec and the world."""
+
+    cohort: str
+    index: int
+    split: str
+    shown: bool  # whether the manifest shows the label
+
+
+def patient_record(job: _Job, spec: CohortSpec, world: World, out_dir: Path) -> tuple[dict, dict]:
+    """Render one patient, write its NIfTI under ``out_dir/images``, return its manifest and
+    latents rows. A pure function of ``(spec, job)``: its random streams are seeded by
+    ``(seed, cohort, index)``, so the result does not depend on which process runs it."""
+    site = spec.internal if job.cohort == "internal" else spec.external
+    key = [spec.seed, 0 if job.cohort == "internal" else 1, job.index]
+    rng = np.random.default_rng(key)
+    causes = patient_causes(rng, spec)
+    p = 1 / (1 + math.exp(-label_logit(causes, spec, site.prevalence)))
+    truth = int(rng.random() < p)
+    # The image and the EHR draw from their own streams, so changing one never moves the other.
+    image_rng, ehr_rng = np.random.default_rng([*key, 1]), np.random.default_rng([*key, 2])
+    nodule = nodule_params(causes)
+    findings = diffuse_findings(finding_drivers(image_rng, causes))
+    vol, affine, centre = render_ct(image_rng, nodule, findings, spec, site)
+    ehr = ehr_vector(ehr_rng, causes, spec, world, site)
+    pid = f"{job.cohort[:3]}-{job.index:05d}"
+    scan_id = f"{pid}-s0"
+    save_ct(vol, affine, out_dir / "images" / f"{scan_id}.nii.gz")
+    names = feature_names(spec.n_ehr_features)
+    manifest = {
+        "patient_id": pid,
+        "scan_id": scan_id,
+        "image": f"images/{scan_id}.nii.gz",
+        "label": float(truth) if job.shown else np.nan,
+        "cohort": job.cohort,
+        "split": job.split,
+        "scan_time": 0.0,
+        "roi_x": centre[0],
+        "roi_y": centre[1],
+        "roi_z": centre[2],
+        **dict(zip(names, ehr.tolist(), strict=True)),
+    }
+    latents = {
+        "scan_id": scan_id,
+        "true_label": truth,
+        "p_malignant": p,
+        **{f"shared_{k}": v for k, v in enumerate(causes["shared"])},
+        **{f"image_only_{k}": v for k, v in enumerate(causes["image_only"])},
+        **{f"ehr_only_{k}": v for k, v in enumerate(causes["ehr_only"])},
+        **{f"ehr_side_{k}": v for k, v in enumerate(causes.get("ehr_side", []))},
+        **nodule,
+        "nodule_x": centre[0],
+        "nodule_y": centre[1],
+        "nodule_z": centre[2],
+        "nodule_reach_mm": nodule_reach_mm(nodule),
+        **findings,
+    }
+    return manifest, latents
+
+
+def _jobs(spec: CohortSpec) -> list[_Job]:
+    """One job per patient, with the patient-level split and whether its label is shown."""
+    rows = _patient_rows(spec)
+    train_ids = [i for c, i, s in rows if c == "internal" and s == "train"]
+    label_rng = np.random.default_rng([spec.seed, 11])
+    n_lab = round(spec.labeled_fraction * len(train_ids))
+    labelled_train = set(label_rng.choice(train_ids, size=n_lab, replace=False).tolist())
+    return [
+        _Job(c, i, s, c == "external" or s != "train" or i in labelled_train) for c, i, s in rows
+    ]
+
+
+def generate_cohort(
+    root: str | Path,
+    spec: CohortSpec | None = None,
+    progress: bool = True,
+    workers: int | None = None,
+) -> Path:
+    """Write the cohort (``images/*.nii.gz``, ``manifest.parquet``, ``latents.parquet``,
+    ``cohort.json``) to ``root``, which must not exist or be empty. Returns the manifest path.
+
+    ``workers`` processes render the scans (default :func:`default_workers`); the files are
+    identical for any number, since every patient's random streams are its own. Files are
+    written to a temporary sibling folder that is renamed into place at the end, so an
+    interrupted run never leaves a half cohort that looks complete.
+    """
+    spec = spec or CohortSpec()
+    root = Path(root)
+    with written_atomically(root) as tmp:
+        (tmp / "images").mkdir()
+        context = (spec, make_world(spec), tmp)
+        records = map_records(
+            patient_record, _jobs(spec), context, workers, 32, 8, "synthetic cohort", progress
+        )
+        pd.DataFrame([m for m, _ in records]).to_parquet(tmp / "manifest.parquet", index=False)
+        pd.DataFrame([lat for _, lat in records]).to_parquet(tmp / "latents.parquet", index=False)
+        (tmp / "cohort.json").write_text(
+            json.dumps({"format_version": FORMAT_VERSION, "spec": spec.to_json()}, indent=2)
+        )
+    return root / "manifest.parquet"
+
+
+def ensure_cohort(
+    root: str | Path, spec: CohortSpec, progress: bool = True, workers: int | None = None
+) -> Path:
+    """The cohort at ``root``: reused when its ``cohort.json`` matches ``spec``, generated (by
+    ``workers`` processes) when ``root`` is empty or absent, and never written over otherwise."""
+    found = existing_cohort(
+        root, spec.to_json(), CohortSpec().to_json(), FORMAT_VERSION, "synthetic"
+    )
+    if found is not None:
+        return found
+    return generate_cohort(root, spec, progress, workers)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m data_modules.synthetic",
+        description="Write a synthetic CT + EHR cohort to disk.",
+    )
+    parser.add_argument("--root", required=True, help="output folder (must be empty or absent)")
+    parser.add_argument("--n-patients", type=int, default=CohortSpec.n_patients)
+    parser.add_argument("--n-external", type=int, default=CohortSpec.n_external)
+    parser.add_argument("--labeled-fraction", type=float, default=CohortSpec.labeled_fraction)
+    parser.add_argument("--n-ehr-features", type=int, default=CohortSpec.n_ehr_features)
+    parser.add_argument("--seed", type=int, default=CohortSpec.seed)
+    parser.add_argument("--structure", choices=STRUCTURES, default=CohortSpec.structure)
+    parser.add_argument(
+        "--label-weights",
+        type=float,
+        nargs=3,
+        default=CohortSpec.label_weights,
+        metavar=("SHARED", "IMAGE_ONLY", "EHR_ONLY"),
+    )
+    parser.add_argument("--ehr-missing-rate", type=float, default=CohortSpec.ehr_missing_rate)
+    parser.add_argument(
+        "--external-shift",
+        type=float,
+        default=0.5,
+        help="strength 0..1 of every aspect of the external site's shift",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help=f"generation processes (default {default_workers()}); the files do not depend on it",
+    )
+    args = parser.parse_args(argv)
+    s = args.external_shift
+    spec = CohortSpec(
+        n_patients=args.n_patients,
+        n_external=args.n_external,
+        labeled_fraction=args.labeled_fraction,
+        n_ehr_features=args.n_ehr_features,
+        seed=args.seed,
+        structure=args.structure,
+        label_weights=tuple(args.label_weights),
+        ehr_missing_rate=args.ehr_missing_rate,
+        external=external_site(ExternalShift(s, s, s, s, s)),
+    )
+    path = ensure_cohort(args.root, spec, workers=args.workers)
+    print(f"cohort ready: {path}")
