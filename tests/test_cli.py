@@ -141,7 +141,9 @@ def test_init_from_loads_weights_exactly(pretrained, tiny_cohort, tmp_path):
 
 def test_init_from_mismatched_backbone_fails_loudly(pretrained, tiny_cohort, tmp_path):
     ckpt = pretrained / "checkpoints" / "last.ckpt"
-    with pytest.raises(CheckpointMismatchError, match=r"embed_dim.*--model.init_args.backbone.embed_dim=96"):
+    with pytest.raises(
+        CheckpointMismatchError, match=r"embed_dim.*--model.init_args.backbone.embed_dim=96"
+    ):
         _fit(FINETUNE, tmp_path, tiny_cohort, f"--model.init_args.init_from={ckpt}",
              "--model.init_args.backbone.embed_dim=48", "--trainer.fast_dev_run=true")  # fmt: skip
 
