@@ -244,6 +244,29 @@ class JEPAMaskCollator:
         return batch
 
 
+class SequenceMaskCollator:
+    """JEPA masks for patient-sequence batches (``image [B, S, ...]``): one draw for the
+    batch's latest scans, from the wrapped collator's stream (so it resumes the same way).
+
+    ``supports_sequences`` tells the data module it may apply this hook to sequences.
+    """
+
+    supports_sequences = True
+
+    def __init__(self, collator: JEPAMaskCollator):
+        self.collator = collator
+
+    def __call__(self, batch: dict) -> dict:
+        batch.update(self.collator.masks(len(batch["image"])))
+        return batch
+
+    def state_dict(self) -> dict:
+        return self.collator.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.collator.load_state_dict(state)
+
+
 # --- baselines: MAE / MSN patch dropping ------------------------------------------------------
 # These are one argsort / one arange on the device, so the tasks call them in the step
 # (as MAE does) rather than in the loader workers.

@@ -41,6 +41,13 @@ features (age, pack-years, labs, diagnoses, latent signatures) with values missi
 random. Each patient's image and EHR are drawn from their own random streams seeded by
 (seed, cohort, index), so a cohort is the same for any number of generating processes.
 
+Over time (``scans_per_patient``, default one scan): each patient has a uniform number of
+scans ``scan_interval_days`` apart, with one anatomy and nodule centre, fresh scanner noise
+and a fresh EHR record each; only the latest scan (today's one-scan scan) carries the label.
+Earlier scans show the nodule smaller by its volume doubling time: malignant 100–400 days,
+benign stable or 600–3000 days for the share ``growth_signal`` of patients, a
+label-independent mixture of the two for the others (:func:`.causes.doubling_time`).
+
 Two cohorts: ``internal`` (train/val/test by patient; only ``labeled_fraction`` of training
 patients carry a label — the rest is the unlabelled archive) and ``external`` (test only,
 all labelled) with a site shift: HU offset, more noise, another voxel spacing, EHR coding

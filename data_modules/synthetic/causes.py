@@ -133,3 +133,56 @@ def diffuse_findings(drivers: dict[str, float]) -> dict[str, float]:
         "ground_glass_fraction": 0.30 * _sigmoid(1.4 * drivers["ground_glass"] - 1.0),
         "vessel_radius_mm": float(np.clip(1.4 + 0.45 * drivers["vessel"], 0.6, 2.6)),
     }
+
+
+# The nodule over time. Volume doubling times (days): malignant nodules double in 100–400
+# days (log-uniform), benign ones are stable (half of them) or double in 600–3000 days.
+MALIGNANT_DOUBLING_DAYS = (100.0, 400.0)
+BENIGN_DOUBLING_DAYS = (600.0, 3000.0)
+BENIGN_STABLE_SHARE = 0.5
+
+
+def doubling_time(
+    rng: np.random.Generator, truth: int, growth_signal: float, prevalence: float
+) -> tuple[float, bool]:
+    """The nodule's volume doubling time in days (``inf``: stable) and whether it follows
+    the label.
+
+    With probability ``growth_signal`` it is drawn from the distribution of the patient's
+    class (``truth``); otherwise from the label-independent mixture that picks the malignant
+    distribution with probability ``prevalence`` (the site's), so at ``growth_signal`` 0
+    growth says nothing about the label and at any value the doubling times' overall
+    distribution is about the same. Four uniforms are drawn whatever the settings, so a
+    patient's draws never move with ``growth_signal``.
+    """
+    u_follow, u_class, u_stable, u_position = rng.random(4)
+    follows = bool(u_follow < growth_signal)
+    malignant = truth == 1 if follows else bool(u_class < prevalence)
+    if malignant:
+        lo, hi = MALIGNANT_DOUBLING_DAYS
+    elif u_stable < BENIGN_STABLE_SHARE:
+        return math.inf, follows
+    else:
+        lo, hi = BENIGN_DOUBLING_DAYS
+    return float(lo * (hi / lo) ** u_position), follows
+
+
+def scan_days(rng: np.random.Generator, spec: CohortSpec) -> np.ndarray:
+    """A patient's scan times in days since its first scan, ascending: a uniform number of
+    scans in ``spec.scans_per_patient``, gaps uniform in ``spec.scan_interval_days``."""
+    lo, hi = spec.scans_per_patient
+    n = int(rng.integers(lo, hi + 1))
+    gaps = rng.uniform(*spec.scan_interval_days, n - 1)
+    return np.concatenate([[0.0], np.cumsum(gaps)])
+
+
+def nodule_at(nodule: dict[str, float], t_rel: float, doubling_days: float) -> dict[str, float]:
+    """The nodule ``-t_rel`` days before the latest scan (``t_rel <= 0``), where it is
+    ``nodule``: the volume halves every ``doubling_days``, so the radius is
+    ``r * 2 ** (t_rel / (3 * doubling_days))``; the spikes shrink with it, the density stays."""
+    scale = 2.0 ** (t_rel / (3.0 * doubling_days))
+    return {
+        **nodule,
+        "radius_mm": nodule["radius_mm"] * scale,
+        "spiculation": nodule["spiculation"] * scale,
+    }

@@ -27,11 +27,14 @@ from data_modules.cohort_files import (
 from data_modules.synthetic.causes import (
     World,
     diffuse_findings,
+    doubling_time,
     finding_drivers,
     label_logit,
     make_world,
+    nodule_at,
     nodule_params,
     patient_causes,
+    scan_days,
 )
 from data_modules.synthetic.render import ehr_vector, nodule_reach_mm, render_ct
 from data_modules.synthetic.spec import (
@@ -69,10 +72,18 @@ class _Job:
     shown: bool  # whether the manifest shows the label
 
 
-def patient_record(job: _Job, spec: CohortSpec, world: World, out_dir: Path) -> tuple[dict, dict]:
-    """Render one patient, write its NIfTI under ``out_dir/images``, return its manifest and
-    latents rows. A pure function of ``(spec, job)``: its random streams are seeded by
-    ``(seed, cohort, index)``, so the result does not depend on which process runs it."""
+def patient_record(
+    job: _Job, spec: CohortSpec, world: World, out_dir: Path
+) -> list[tuple[dict, dict]]:
+    """Render one patient's scans, write their NIfTIs under ``out_dir/images``, return each
+    scan's manifest and latents rows in time order. A pure function of ``(spec, job)``: its
+    random streams are seeded by ``(seed, cohort, index)``, so the result does not depend on
+    which process runs it.
+
+    The latest scan is drawn from the streams a single-scan patient has always used (so the
+    default one-scan cohort is the same as before the longitudinal settings existed); the
+    growth, the schedule and every earlier scan's noise and EHR come from streams of their own.
+    """
     site = spec.internal if job.cohort == "internal" else spec.external
     key = [spec.seed, 0 if job.cohort == "internal" else 1, job.index]
     rng = np.random.default_rng(key)
@@ -83,41 +94,69 @@ def patient_record(job: _Job, spec: CohortSpec, world: World, out_dir: Path) -> 
     image_rng, ehr_rng = np.random.default_rng([*key, 1]), np.random.default_rng([*key, 2])
     nodule = nodule_params(causes)
     findings = diffuse_findings(finding_drivers(image_rng, causes))
-    vol, affine, centre = render_ct(image_rng, nodule, findings, spec, site)
-    ehr = ehr_vector(ehr_rng, causes, spec, world, site)
+    doubling_days, follows = doubling_time(
+        np.random.default_rng([*key, 3]), truth, spec.growth_signal, site.prevalence
+    )
+    days = scan_days(np.random.default_rng([*key, 4]), spec)
+    t_rel = days - days[-1]
+    earlier = range(len(days) - 1)
+    nodules = [nodule_at(nodule, t_rel[k], doubling_days) for k in earlier] + [nodule]
+    noise_rngs = [np.random.default_rng([*key, 5, k + 1]) for k in earlier]
+    vols, affine, centre = render_ct(
+        image_rng, nodule, findings, spec, site, list(zip(nodules[:-1], noise_rngs, strict=True))
+    )
+    ehr_latest = ehr_vector(ehr_rng, causes, spec, world, site)
+    ehrs = []
+    for k in earlier:  # fresh measurement noise and missingness; the age at that scan
+        ehr = ehr_vector(np.random.default_rng([*key, 6, k + 1]), causes, spec, world, site)
+        ehr[0] = ehr_latest[0] + t_rel[k] / 365.25
+        ehrs.append(ehr)
+    ehrs.append(ehr_latest)
+
     pid = f"{job.cohort[:3]}-{job.index:05d}"
-    scan_id = f"{pid}-s0"
-    save_ct(vol, affine, out_dir / "images" / f"{scan_id}.nii.gz")
     names = feature_names(spec.n_ehr_features)
-    manifest = {
-        "patient_id": pid,
-        "scan_id": scan_id,
-        "image": f"images/{scan_id}.nii.gz",
-        "label": float(truth) if job.shown else np.nan,
-        "cohort": job.cohort,
-        "split": job.split,
-        "scan_time": 0.0,
-        "roi_x": centre[0],
-        "roi_y": centre[1],
-        "roi_z": centre[2],
-        **dict(zip(names, ehr.tolist(), strict=True)),
-    }
-    latents = {
-        "scan_id": scan_id,
-        "true_label": truth,
-        "p_malignant": p,
+    causes_row = {
         **{f"shared_{k}": v for k, v in enumerate(causes["shared"])},
         **{f"image_only_{k}": v for k, v in enumerate(causes["image_only"])},
         **{f"ehr_only_{k}": v for k, v in enumerate(causes["ehr_only"])},
         **{f"ehr_side_{k}": v for k, v in enumerate(causes.get("ehr_side", []))},
-        **nodule,
-        "nodule_x": centre[0],
-        "nodule_y": centre[1],
-        "nodule_z": centre[2],
-        "nodule_reach_mm": nodule_reach_mm(nodule),
-        **findings,
     }
-    return manifest, latents
+    rows = []
+    latest = len(days) - 1
+    for k, (vol, ehr, scan_nodule) in enumerate(zip(vols, ehrs, nodules, strict=True)):
+        scan_id = f"{pid}-s{k}"
+        save_ct(vol, affine, out_dir / "images" / f"{scan_id}.nii.gz")
+        manifest = {
+            "patient_id": pid,
+            "scan_id": scan_id,
+            "image": f"images/{scan_id}.nii.gz",
+            "label": float(truth) if job.shown and k == latest else np.nan,
+            "cohort": job.cohort,
+            "split": job.split,
+            "scan_time": float(days[k]),
+            "roi_x": centre[0],
+            "roi_y": centre[1],
+            "roi_z": centre[2],
+            **dict(zip(names, ehr.tolist(), strict=True)),
+        }
+        latents = {
+            "scan_id": scan_id,
+            "true_label": truth,
+            "p_malignant": p,
+            **causes_row,
+            **nodule,
+            "radius_mm": scan_nodule["radius_mm"],  # this scan's
+            "nodule_x": centre[0],
+            "nodule_y": centre[1],
+            "nodule_z": centre[2],
+            "nodule_reach_mm": nodule_reach_mm(scan_nodule),
+            **findings,
+        }
+        if spec.longitudinal:  # (one-scan cohorts keep the columns they always had)
+            latents["doubling_time_days"] = doubling_days
+            latents["growth_follows_label"] = follows
+        rows.append((manifest, latents))
+    return rows
 
 
 def _jobs(spec: CohortSpec) -> list[_Job]:
@@ -154,8 +193,9 @@ def generate_cohort(
         records = map_records(
             patient_record, _jobs(spec), context, workers, 32, 8, "synthetic cohort", progress
         )
-        pd.DataFrame([m for m, _ in records]).to_parquet(tmp / "manifest.parquet", index=False)
-        pd.DataFrame([lat for _, lat in records]).to_parquet(tmp / "latents.parquet", index=False)
+        rows = [row for patient in records for row in patient]
+        pd.DataFrame([m for m, _ in rows]).to_parquet(tmp / "manifest.parquet", index=False)
+        pd.DataFrame([lat for _, lat in rows]).to_parquet(tmp / "latents.parquet", index=False)
         (tmp / "cohort.json").write_text(
             json.dumps({"format_version": FORMAT_VERSION, "spec": spec.to_json()}, indent=2)
         )
@@ -202,6 +242,28 @@ def main(argv: list[str] | None = None) -> None:
         help="strength 0..1 of every aspect of the external site's shift",
     )
     parser.add_argument(
+        "--scans-per-patient",
+        type=int,
+        nargs=2,
+        default=CohortSpec.scans_per_patient,
+        metavar=("MIN", "MAX"),
+        help="uniform number of scans per patient, both inclusive (default 1 1)",
+    )
+    parser.add_argument(
+        "--scan-interval-days",
+        type=float,
+        nargs=2,
+        default=CohortSpec.scan_interval_days,
+        metavar=("MIN", "MAX"),
+        help="days between consecutive scans, uniform (default 90 540)",
+    )
+    parser.add_argument(
+        "--growth-signal",
+        type=float,
+        default=CohortSpec.growth_signal,
+        help="0..1: share of patients whose nodule grows as its label says (default 0)",
+    )
+    parser.add_argument(
         "--workers",
         type=int,
         default=None,
@@ -219,6 +281,9 @@ def main(argv: list[str] | None = None) -> None:
         label_weights=tuple(args.label_weights),
         ehr_missing_rate=args.ehr_missing_rate,
         external=external_site(ExternalShift(s, s, s, s, s)),
+        scans_per_patient=tuple(args.scans_per_patient),
+        scan_interval_days=tuple(args.scan_interval_days),
+        growth_signal=args.growth_signal,
     )
     path = ensure_cohort(args.root, spec, workers=args.workers)
     print(f"cohort ready: {path}")

@@ -18,7 +18,7 @@ class SyntheticCohortDataModule(CTEHRDataModule):
 
     Args:
         root: cohort folder; generated when absent or empty, reused when its settings match.
-        n_patients / n_external: internal and external cohort sizes (one scan per patient).
+        n_patients / n_external: internal and external cohort sizes (patients).
         labeled_fraction: share of internal training patients that carry a label.
         n_ehr_features: EHR vector length (>= 10).
         seed: cohort seed (the cohort is a deterministic function of the settings).
@@ -29,6 +29,13 @@ class SyntheticCohortDataModule(CTEHRDataModule):
         ehr_missing_rate: probability that an EHR value is missing (age never is).
         external_shift: strength 0..1 of each aspect of the external site's shift (HU
             offset, noise, voxel spacing, EHR coding, prevalence).
+        scans_per_patient: (min, max) scans per patient, a uniform whole number; the
+            default ``(1, 1)`` is the one-scan cohort. Only the latest scan carries a label.
+        scan_interval_days: (min, max) days between consecutive scans, uniform.
+        growth_signal: 0..1, the share of patients whose nodule's volume doubling time
+            follows its label (malignant 100–400 days, benign stable or 600–3000 days); the
+            others' follows a label-independent mixture, so 0 leaves growth uninformative.
+            The nodule at the latest scan does not depend on it.
         generate_workers: processes that generate the cohort on first use (default
             :func:`~data_modules.cohort_files.default_workers`; the files do not depend on
             it). Not the loaders' ``num_workers``.
@@ -52,6 +59,9 @@ class SyntheticCohortDataModule(CTEHRDataModule):
         structure: Literal["shared", "independent"] = "shared",
         ehr_missing_rate: float = 0.15,
         external_shift: ExternalShift | None = None,
+        scans_per_patient: tuple[int, int] = (1, 1),
+        scan_interval_days: tuple[float, float] = (90.0, 540.0),
+        growth_signal: float = 0.0,
         generate_workers: int | None = None,
         **kwargs: Any,
     ):
@@ -67,6 +77,9 @@ class SyntheticCohortDataModule(CTEHRDataModule):
             structure=structure,
             ehr_missing_rate=ehr_missing_rate,
             external=external_site(external_shift or ExternalShift()),
+            scans_per_patient=tuple(scans_per_patient),
+            scan_interval_days=tuple(scan_interval_days),
+            growth_signal=growth_signal,
         )
         # The loader / preprocessing / label-fraction arguments are CTEHRDataModule's own
         # (jsonargparse reads them through this call, so the CLI and YAML accept them).

@@ -10,6 +10,7 @@ LIDC cohort's background and geometry (:mod:`data_modules.lidc.render`).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from statistics import NormalDist
 
 import numpy as np
@@ -115,18 +116,30 @@ def nodule_centre(
     return np.where(fits, np.clip([e[PATCH_GRID // 2] for e in edges], lo, hi), middle)
 
 
+def nodule_shape(rng: np.random.Generator) -> tuple[np.ndarray, float]:
+    """The nodule's spike directions (unit vectors, ``[9, 3]``) and lobe phase."""
+    spikes = rng.standard_normal((9, 3))
+    spikes /= np.linalg.norm(spikes, axis=1, keepdims=True)
+    return spikes, float(rng.uniform(0, 6.3))
+
+
 def add_nodule(
-    rng: np.random.Generator, vol: np.ndarray, pts: np.ndarray, centre: np.ndarray, nodule: dict
+    rng: np.random.Generator | tuple[np.ndarray, float],
+    vol: np.ndarray,
+    pts: np.ndarray,
+    centre: np.ndarray,
+    nodule: dict,
 ) -> np.ndarray:
-    """The lobulated, optionally spiculated nodule blended into ``vol`` at ``centre``."""
+    """The lobulated, optionally spiculated nodule blended into ``vol`` at ``centre``; its
+    shape is drawn from ``rng``, or given (:func:`nodule_shape`) to draw the same nodule at
+    another size."""
+    spikes, phase = nodule_shape(rng) if isinstance(rng, np.random.Generator) else rng
     rel = pts - centre
     dist = np.linalg.norm(rel, axis=-1) + 1e-6
     unit = rel / dist[..., None]
-    spikes = rng.standard_normal((9, 3))
-    spikes /= np.linalg.norm(spikes, axis=1, keepdims=True)
     spike_field = np.minimum((np.clip(unit @ spikes.T, 0, None) ** 24).sum(-1), 1.0)
     angle = np.arctan2(unit[..., 1], unit[..., 0])
-    lobes = LOBE_AMPLITUDE * np.sin(3 * angle + rng.uniform(0, 6.3))
+    lobes = LOBE_AMPLITUDE * np.sin(3 * angle + phase)
     boundary = nodule["radius_mm"] * (1 + lobes) + SPIKE_MM * nodule["spiculation"] * spike_field
     inside = 1 / (1 + np.exp((dist - boundary) / 0.5))
     return vol * (1 - inside) + nodule["density_hu"] * inside
@@ -160,20 +173,34 @@ def render_ct(
     findings: dict[str, float],
     spec: CohortSpec,
     site: SiteShift,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One volume in HU (int16, (x, y, z)), its affine, and the nodule centre in world mm."""
+    earlier: Sequence[tuple[dict[str, float], np.random.Generator]] = (),
+) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """A patient's volumes in HU (int16, (x, y, z)), earliest first, their affine, and the
+    nodule centre in world mm.
+
+    The last volume is the latest scan: anatomy, nodule placement and shape and scanner
+    noise all from ``rng``. ``earlier`` gives each earlier scan's nodule (the same one at
+    another size, :func:`~data_modules.synthetic.causes.nodule_at`) and the stream of its
+    scanner noise: the same anatomy, the nodule at the same centre with the same shape, fresh
+    noise. The centre is placed for the latest (largest) nodule, so a smaller earlier one
+    may span a single patch.
+    """
     shape = spec.volume_shape
     spacing = np.asarray(site.spacing, dtype=np.float64)
     pts, fov, origin = centred_grid(shape, spacing)
 
-    vol = render_lung(rng, findings, pts, spacing, fov)
+    lung = render_lung(rng, findings, pts, spacing, fov)
     centre = nodule_centre(rng, nodule, -fov / 2, fov / 2)
-    vol = add_nodule(rng, vol, pts, centre, nodule)
+    look = nodule_shape(rng)
 
     noise_sd = spec.image_noise_hu * site.noise_scale
-    vol = vol + site.hu_offset + noise_sd * rng.standard_normal(shape)
-    vol, affine = as_ct(vol, spacing, origin)
-    return vol, affine, centre
+    vols = []
+    for scan_nodule, noise_rng in [*earlier, (nodule, rng)]:
+        vol = add_nodule(look, lung, pts, centre, scan_nodule)
+        vol = vol + site.hu_offset + noise_sd * noise_rng.standard_normal(shape)
+        vol, affine = as_ct(vol, spacing, origin)
+        vols.append(vol)
+    return vols, affine, centre
 
 
 def ehr_vector(

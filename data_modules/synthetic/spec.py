@@ -111,6 +111,15 @@ class CohortSpec:
     external: SiteShift = field(default_factory=lambda: external_site(ExternalShift()))
     seed: int = 0
     structure: str = "shared"
+    # Over time (the defaults write one scan per patient, the cohort of before these knobs):
+    scans_per_patient: tuple[int, int] = (1, 1)  # uniform number of scans, both inclusive
+    scan_interval_days: tuple[float, float] = (90.0, 540.0)  # gap between consecutive scans
+    growth_signal: float = 0.0  # share of patients whose nodule grows as its label says
+
+    @property
+    def longitudinal(self) -> bool:
+        """Whether a patient can have more than one scan."""
+        return self.scans_per_patient[1] > 1
 
     def __post_init__(self) -> None:
         if self.n_ehr_features < len(NAMED_FEATURES):
@@ -130,6 +139,22 @@ class CohortSpec:
             )
         if sum(self.label_weights) == 0:
             raise ValueError("label_weights are all 0: the label would carry no signal")
+        scans, gaps = tuple(self.scans_per_patient), tuple(self.scan_interval_days)
+        if len(scans) != 2 or any(int(n) != n for n in scans) or not 1 <= scans[0] <= scans[1]:
+            raise ValueError(
+                f"scans_per_patient={self.scans_per_patient}: give (min, max) whole numbers "
+                "with 1 <= min <= max"
+            )
+        if len(gaps) != 2 or not 0 < gaps[0] <= gaps[1]:
+            raise ValueError(
+                f"scan_interval_days={self.scan_interval_days}: give (min, max) days "
+                "with 0 < min <= max"
+            )
+        if not 0 <= self.growth_signal <= 1:
+            raise ValueError(f"growth_signal={self.growth_signal} must be in [0, 1]")
+        # As tuples of ints / floats, so a YAML list or [90, 540] compares equal to the default.
+        object.__setattr__(self, "scans_per_patient", tuple(int(n) for n in scans))
+        object.__setattr__(self, "scan_interval_days", tuple(float(d) for d in gaps))
 
     def to_json(self) -> dict:
         return json.loads(json.dumps(asdict(self)))  # tuples -> lists, comparable with a file

@@ -75,6 +75,9 @@ KNOB_DATA_KEYS = {
     "n_patients",
     "n_external",
     "seed",
+    "scans_per_patient",
+    "scan_interval_days",
+    "growth_signal",
 }
 
 

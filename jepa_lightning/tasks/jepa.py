@@ -287,7 +287,9 @@ class MultimodalJEPA(MomentumSSLTask):
             return parts[0].sum() * 0.0
         return torch.stack(terms).sum() / sum(present)
 
-    def jepa_losses(self, batch: dict) -> dict[str, torch.Tensor]:
+    def jepa_losses(self, batch: dict, t: dict | None = None) -> dict[str, torch.Tensor]:
+        """The within-scan JEPA losses of a single-scan batch with its masks; ``t``: the
+        batch's :meth:`targets` when the caller has computed them already."""
         if any(k not in batch for k in MASK_KEYS):
             raise KeyError(
                 "batch has no JEPA mask indices: the data module must apply the task's "
@@ -295,7 +297,7 @@ class MultimodalJEPA(MomentumSSLTask):
                 "callback; a Trainer built by hand needs callbacks=[TaskCollateHook()], and a "
                 "custom data module a `collate_hook` attribute its collate function calls)"
             )
-        t = self.targets(batch)
+        t = self.targets(batch) if t is None else t
         n_img = self.encoder.num_patches
         ctx_img, ctx_ehr = batch["ctx_image_idx"], batch["ctx_ehr_idx"]
         tgt_img_idx, tgt_ehr_idx = batch["tgt_image_idx"], batch["tgt_ehr_idx"]

@@ -38,7 +38,7 @@ def pooled_image_features(
     encoder: nn.Module, dataset, batch_size: int, device: torch.device, return_ids: bool = False
 ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, list[str]]:
     """Mean-pooled image-only encoder outputs ``[N, C]`` and labels ``[N]`` (NaN =
-    unlabelled) of every scan of ``dataset`` (and their ``scan_id``s with ``return_ids``);
+    unlabelled) of every scan of ``dataset`` (of each sequence's latest scan in sequence mode) (and their ``scan_id``s with ``return_ids``);
     under DDP each rank encodes its share and the shares are gathered, so every rank
     returns the whole split."""
     rank, world = _distributed()
@@ -50,7 +50,10 @@ def pooled_image_features(
     for batch in loader:
         if not batch:
             continue
-        hidden = encoder(batch["image"].to(device), None, None)
+        image = batch["image"]
+        if image.ndim == 6:  # a patient sequence [B, S, 1, D, H, W]: its latest scan
+            image = image[:, -1]
+        hidden = encoder(image.to(device), None, None)
         feats.append(hidden.mean(1).float().cpu().numpy())
         labels.append(batch["label"].float().cpu().numpy())
         ids += list(batch["scan_id"])
