@@ -3,7 +3,8 @@
 A batch is a dict: ``image [B, 1, D, H, W]`` in [0, 1], ``ehr [B, F]`` (z-scored with
 training-split statistics; NaN = missing), ``ehr_missing [B, F]`` bool, ``label [B]``
 (NaN = unlabelled), ``patient_id``/``scan_id``/``cohort`` lists of str, plus whatever
-the task's ``collate_hook`` adds (JEPA mask indices).
+the task's ``collate_hook`` adds (JEPA mask indices). With ``sequence: true`` a sample is a
+patient's scans over time instead (:mod:`~data_modules.sequences`).
 
 This module composes the parts, each in its own module: the rows and their features
 (:mod:`~data_modules.manifest`, :mod:`~data_modules.ehr_features`,
@@ -39,6 +40,14 @@ from data_modules.ehr_features import feature_names, fit_ehr_stats, normalise_eh
 from data_modules.ehr_table import EHRJoin
 from data_modules.label_subsets import LabelFractionError
 from data_modules.manifest import RowProblems, read_table, resolve_image_paths, validate_manifest
+from data_modules.sequences import (
+    SequenceCollator,
+    SequenceDataset,
+    check_sequences,
+    latest_scan_ids,
+    latest_scans,
+    require_scan_times,
+)
 from data_modules.splits import split_rows, with_splits
 from data_modules.streaming import ShardedStream
 from data_modules.transforms import CTAugment, CTPreprocess, ct_pipeline, pipeline_key
@@ -86,6 +95,11 @@ class CTEHRDataModule(L.LightningDataModule):
         label_fraction / label_subset_seed: keep the labels of only this fraction of the
             labelled training *patients* (seeded, stratified, nested across fractions; see
             :mod:`data_modules.label_subsets`); the others' training scans count as unlabelled.
+        sequence: one sample per *patient* instead of per scan: the patient's scans in time
+            order (``scan_time``), left-padded to ``max_scans``, with ``scan_mask`` and
+            ``scan_times`` (days relative to the latest scan) and the latest scan's label;
+            see :mod:`data_modules.sequences` for the batch keys and the manifest rules.
+        max_scans: sequence mode: the latest ``max_scans`` scans of a patient are kept.
     """
 
     def __init__(
@@ -113,8 +127,14 @@ class CTEHRDataModule(L.LightningDataModule):
         ehr_join: EHRJoin = "scan_id",
         label_fraction: float = 1.0,
         label_subset_seed: int = 0,
+        sequence: bool = False,
+        max_scans: int = 4,
     ):
         super().__init__()
+        if max_scans < 1:
+            raise ValueError(f"max_scans must be at least 1, got {max_scans}")
+        self.sequence = sequence
+        self.max_scans = max_scans
         if not 0.0 < label_fraction <= 1.0:
             raise LabelFractionError(f"label_fraction must be in (0, 1], got {label_fraction}")
         self.label_fraction = label_fraction
@@ -146,7 +166,7 @@ class CTEHRDataModule(L.LightningDataModule):
         self.ehr_stats: dict[str, Any] | None = None
         self.problems = RowProblems()
         self._table: pd.DataFrame | None = None
-        self._datasets: dict[str, CTEHRDataset] = {}
+        self._datasets: dict[str, CTEHRDataset | SequenceDataset] = {}
         self._cache: dict[tuple, torch.Tensor] | None = None
 
     # --- sizes a model needs before setup (LightningCLI links them into the model) -------
@@ -170,10 +190,14 @@ class CTEHRDataModule(L.LightningDataModule):
         """The validated manifest with a ``split`` and absolute ``image_path`` per row."""
         names = self.ehr_feature_names
         df = read_table(self.manifest)
+        if self.sequence:
+            require_scan_times(df, str(self.manifest), self.on_bad_sample)
         if self.ehr_table is not None:
             df = with_ehr_table(df, self.manifest, self.ehr_table, self.ehr_join, names)
         df = validate_manifest(df, str(self.manifest), names, self.on_bad_sample, self.problems)
         df = with_splits(df, self.manifest, self.val_fraction, self.test_fraction, self.split_seed)
+        if self.sequence:
+            df = check_sequences(df, str(self.manifest), self.problems)
         df["image_path"] = resolve_image_paths(df, self.manifest)
         return df
 
@@ -197,20 +221,26 @@ class CTEHRDataModule(L.LightningDataModule):
             if name in self._datasets:
                 continue
             rows = self.rows_for(name)
+            latest = latest_scan_ids(rows) if self.sequence else None
             if self.cache_volumes and not self.streaming:
                 rows = self.fill_cache(rows, name)
-            self._datasets[name] = CTEHRDataset(
+            ds = CTEHRDataset(
                 rows, normalise_ehr(rows, self.ehr_stats), self.pipeline(), self.on_bad_sample,
                 self._cache, self.disk_cache(rows), self.augment if name == "train" else None,
                 self.image_size,
             )  # fmt: skip
+            if self.sequence:  # each scan augmented on its own, its volume cached once
+                ds = SequenceDataset(ds, self.max_scans, latest, self.problems, name)
+            self._datasets[name] = ds
 
     def rows_for(self, name: str) -> pd.DataFrame:
-        """The rows loader ``name`` reads (see :func:`~data_modules.splits.split_rows`)."""
-        return split_rows(
+        """The rows loader ``name`` reads (see :func:`~data_modules.splits.split_rows`; in
+        sequence mode grouped by patient, the latest ``max_scans`` scans each)."""
+        rows = split_rows(
             self._table, name, self.manifest, self.predict_split, self.label_fraction,
-            self.label_subset_seed, self.require_labels,
+            self.label_subset_seed, self.require_labels, self.sequence,
         )  # fmt: skip
+        return latest_scans(rows, self.max_scans) if self.sequence else rows
 
     def pipeline(self):
         """The deterministic preprocessing chain (MONAI transforms)."""
@@ -264,7 +294,8 @@ class CTEHRDataModule(L.LightningDataModule):
             )
         self.ehr_stats = stats
         for ds in self._datasets.values():
-            ds.ehr = normalise_ehr(ds.table, self.ehr_stats)
+            scans = ds.scans if isinstance(ds, SequenceDataset) else ds
+            scans.ehr = normalise_ehr(scans.table, self.ehr_stats)
 
     # --- what the tasks and the evaluation read ---------------------------------------------
     @property
@@ -287,7 +318,9 @@ class CTEHRDataModule(L.LightningDataModule):
             raise RuntimeError("call setup() before reading cohorts")
         return sorted(self._table["cohort"].unique())
 
-    def dataset(self, name: str) -> CTEHRDataset:
+    def dataset(self, name: str) -> CTEHRDataset | SequenceDataset:
+        """The split's dataset: per scan, or per patient in sequence mode (its ``table`` is
+        then one row per patient, the latest scan, and ``scans`` the per-scan dataset)."""
         return self._datasets[name]
 
     # --- loaders --------------------------------------------------------------------------
@@ -301,7 +334,7 @@ class CTEHRDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
-            collate_fn=BatchCollator(self.collate_hook),
+            collate_fn=(SequenceCollator if self.sequence else BatchCollator)(self.collate_hook),
         )
         if not self.streaming:
             return ReportingLoader(
@@ -320,7 +353,9 @@ class CTEHRDataModule(L.LightningDataModule):
         epoch_fn = (lambda: trainer.current_epoch) if trainer else None
         return ReportingStreamLoader(stream, epoch_fn=epoch_fn, **common)
 
-    def eval_sampler(self, ds: CTEHRDataset, name: str) -> UnrepeatedDistributedSampler | None:
+    def eval_sampler(
+        self, ds: CTEHRDataset | SequenceDataset, name: str
+    ) -> UnrepeatedDistributedSampler | None:
         """Under DDP, each val/test/predict scan goes to exactly one rank.
 
         Lightning's default DistributedSampler pads the split with repeated scans so every
@@ -332,8 +367,9 @@ class CTEHRDataModule(L.LightningDataModule):
         if trainer is None or trainer.world_size <= 1:
             return None
         if len(ds) < trainer.world_size:
+            unit = "patients" if self.sequence else "scans"
             raise ValueError(
-                f"manifest {self.manifest}: the {name!r} split has {len(ds)} scans for "
+                f"manifest {self.manifest}: the {name!r} split has {len(ds)} {unit} for "
                 f"{trainer.world_size} ranks; every rank needs at least one: use fewer "
                 "devices for evaluation or a larger split"
             )

@@ -44,11 +44,13 @@ def split_rows(
     label_fraction: float = 1.0,
     label_subset_seed: int = 0,
     require_labels: bool = False,
+    by_patient: bool = False,
 ) -> pd.DataFrame:
     """The rows of split ``name`` (``predict``: those of ``predict_split``, or every row for
     ``all``); for ``train``, labels outside the ``label_fraction`` subset hidden and, under
-    ``require_labels``, only the labelled scans kept. An empty result is an error naming the
-    splits present."""
+    ``require_labels``, only the labelled scans kept (``by_patient``, sequence mode: every
+    scan of a patient with a labelled scan, so the sequences stay whole). An empty result is
+    an error naming the splits present."""
     if name == "predict":
         rows = table if predict_split == "all" else table[table["split"] == predict_split]
     else:
@@ -61,7 +63,15 @@ def split_rows(
             label_subset_seed,
             rows.loc[rows["label"].notna(), "patient_id"].nunique(),
         )
-    if name == "train" and require_labels:
+    if name == "train" and require_labels and by_patient:
+        labelled = rows["patient_id"].isin(rows.loc[rows["label"].notna(), "patient_id"])
+        log.info(
+            "training on the %d labelled of %d training patients (%d scans)",
+            rows.loc[labelled, "patient_id"].nunique(), rows["patient_id"].nunique(),
+            int(labelled.sum()),
+        )  # fmt: skip
+        rows = rows[labelled]
+    elif name == "train" and require_labels:
         labelled = rows["label"].notna()
         log.info("training on %d labelled of %d training scans", int(labelled.sum()), len(rows))
         rows = rows[labelled]
