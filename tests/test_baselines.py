@@ -67,7 +67,8 @@ def checkpoints(tiny_cohort, tmp_path_factory) -> dict[str, Path]:
 def test_every_method_config_resolves(capsys):
     names = sorted(p.stem for p in METHODS.glob("*.yaml"))
     assert set(PRETRAIN) | {
-        "supervised_image", "supervised_ehr", "supervised_multimodal", "linear_probe", "finetune"
+        "supervised_image", "supervised_ehr", "supervised_multimodal", "linear_probe", "finetune",
+        "longitudinal_finetune",
     } == set(names)  # fmt: skip
     for name in names:
         with pytest.raises(SystemExit) as exit_:

@@ -9,23 +9,36 @@ an hour into a study. W&B sweeps and the W&B logging fragment are run by
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import yaml
 
+from data_modules.synthetic import CohortSpec
 from jepa_lightning.evaluation.study_spec import load_study
 from jepa_lightning.evaluation.synthetic_study import load_synthetic_study
 from jepa_lightning.main import main
-from tests.conftest import tiny_data_args
+from tests.conftest import TINY, tiny_data_args
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"
-TRAINING = sorted([*EXPERIMENTS.glob("methods/*.yaml"), *EXPERIMENTS.glob("quickstart/*.yaml")])
+TRAINING = sorted(
+    [
+        *EXPERIMENTS.glob("methods/*.yaml"),
+        *EXPERIMENTS.glob("quickstart/*.yaml"),
+        *EXPERIMENTS.glob("longitudinal/pretrain*.yaml"),
+    ]
+)
 STUDIES = sorted(EXPERIMENTS.glob("studies/*.yaml"))
-STUDY_GRIDS = sorted(EXPERIMENTS.glob("synthetic_study/grid*.yaml"))
+STUDY_GRIDS = sorted(
+    [*EXPERIMENTS.glob("synthetic_study/grid*.yaml"), *EXPERIMENTS.glob("longitudinal/grid*.yaml")]
+)
 SYNTHETIC = sorted(
-    p for p in EXPERIMENTS.glob("synthetic_study/*.yaml") if not p.name.startswith("grid")
+    p
+    for folder in ("synthetic_study", "longitudinal")
+    for p in EXPERIMENTS.glob(f"{folder}/*.yaml")
+    if not p.name.startswith(("grid", "pretrain"))
 )
 SCENARIOS = sorted(EXPERIMENTS.glob("synthetic_study/scenarios/*.yaml"))
 ELSEWHERE = {  # run by their own tests
@@ -62,12 +75,24 @@ def small_checkpoint(tiny_cohort, tmp_path_factory) -> Path:
     return run / "checkpoints" / "last.ckpt"
 
 
+# A longitudinal config's cohort-over-time knobs, set back to the tiny cohort's (one scan per
+# patient) so its cohort folder is reused; its sequence batches are then one real scan each.
+OVER_TIME = ("scans_per_patient", "scan_interval_days", "growth_signal")
+
+
+def _tiny_cohort_over_time(data_args: dict) -> list[str]:
+    spec = CohortSpec(**TINY).to_json()  # tuples as lists
+    return [f"--data.init_args.{k}={json.dumps(spec[k])}" for k in OVER_TIME if k in data_args]
+
+
 @pytest.mark.parametrize("config", TRAINING, ids=_name)
 def test_training_config_fits_one_batch(config, tiny_cohort, small_checkpoint, tmp_path):
-    model_args = yaml.safe_load(config.read_text())["model"].get("init_args", {})
+    shipped = yaml.safe_load(config.read_text())
+    model_args = shipped["model"].get("init_args", {})
     init = [f"--model.init_args.init_from={small_checkpoint}"] if "init_from" in model_args else []
-    cli = main(["fit", "--config", str(config), *tiny_data_args(tiny_cohort), *SMALL, *QUIET,
-                *init, f"--trainer.default_root_dir={tmp_path}",
+    over_time = _tiny_cohort_over_time(shipped["data"].get("init_args", {}))
+    cli = main(["fit", "--config", str(config), *tiny_data_args(tiny_cohort), *over_time, *SMALL,
+                *QUIET, *init, f"--trainer.default_root_dir={tmp_path}",
                 f"--trainer.logger.init_args.save_dir={tmp_path}",
                 "--trainer.fast_dev_run=true"])  # fmt: skip
     assert cli.trainer.global_step == 1

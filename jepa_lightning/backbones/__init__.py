@@ -4,6 +4,7 @@ from jepa_lightning.backbones.ehr import EHRTokenizer
 from jepa_lightning.backbones.multimodal_encoder import MultimodalEncoder
 from jepa_lightning.backbones.predictor import JEPAPredictor
 from jepa_lightning.backbones.presets import PRESETS, Backbone, as_backbone
+from jepa_lightning.backbones.temporal import TemporalEncoder, TimeEmbedding
 from jepa_lightning.backbones.vit3d import VisionTransformer3D
 
 __all__ = [
@@ -13,5 +14,7 @@ __all__ = [
     "EHRTokenizer",
     "JEPAPredictor",
     "MultimodalEncoder",
+    "TemporalEncoder",
+    "TimeEmbedding",
     "VisionTransformer3D",
 ]

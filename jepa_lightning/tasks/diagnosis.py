@@ -155,14 +155,21 @@ class DiagnosisTask(BaseTask):
             )
         return groups
 
-    def features(self, batch: dict) -> torch.Tensor:
-        """Mean-pooled encoder tokens of the modalities this model uses, ``[B, C]``."""
+    def scan_features(self, batch: dict) -> torch.Tensor:
+        """Mean-pooled encoder tokens of one scan per row (``image [N, 1, D, H, W]``, ``ehr`` /
+        ``ehr_missing [N, F]``) over the modalities this model uses, ``[N, C]``; only the
+        keys of those modalities are read."""
         tokens = self.encoder(
             batch["image"] if self.uses_image else None,
             batch["ehr"] if self.uses_ehr else None,
             batch["ehr_missing"] if self.uses_ehr else None,
         )
         return tokens.mean(1)
+
+    def features(self, batch: dict) -> torch.Tensor:
+        """What the head sees, ``[B, C]``: here the scan's :meth:`scan_features` (a subclass
+        such as the longitudinal task combines several scans' features)."""
+        return self.scan_features(batch)
 
     def forward(self, batch: dict) -> torch.Tensor:
         return self.head(self.features(batch)).squeeze(-1)
