@@ -34,6 +34,12 @@ def _grid(tmp_path: Path) -> Path:
         "subsets": [0],
         "reference": {"method": "supervised", "protocol": "scratch"},
         "bootstrap": {"n_resamples": 50, "seed": 0, "level": 0.95},
+        "comparisons": [  # the grid's own pairs: reported per scenario too
+            {
+                "model": {"method": "supervised", "protocol": "scratch"},
+                "against": {"method": "jepa", "protocol": "finetune"},
+            }
+        ],
         "protocols": {
             "finetune": {"configs": [FINETUNE], "pretrained": True},
             "scratch": {"configs": [FINETUNE], "pretrained": False},
@@ -171,6 +177,11 @@ def test_micro_study_runs_resumes_and_reports(tmp_path, monkeypatch):
         rows = results[(results["scenario"] == r.scenario) & (results["cohort"] == r.cohort)]
         auroc = rows.set_index("method")["auroc_mean"]
         assert r.delta == pytest.approx(auroc["jepa"] - auroc["supervised"])
+    # the grid's own comparison, per scenario and cohort: the same pair the other way round
+    grid_pairs = pd.read_csv(out / "grid_comparisons.csv")
+    assert len(grid_pairs) == len(comparisons) and "The grid's comparisons" in text
+    merged = comparisons.merge(grid_pairs, on=["scenario", "cohort"], suffixes=("", "_grid"))
+    assert merged["delta_grid"].to_numpy() == pytest.approx(-merged["delta"].to_numpy())
     # the two scenarios are two cohorts, generated with the asked-for structure
     cohorts = sorted((tmp_path / "cohorts").iterdir())
     assert len(cohorts) == 2

@@ -272,35 +272,65 @@ def run_all(spec: SyntheticStudy) -> None:
             runs.run_study(study)
 
 
-def collect(spec: SyntheticStudy) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The per-model table and the comparison table (``spec.model`` against each of
-    ``spec.against``), one block of rows per scenario (a scenario shared by two knobs
-    appears under both); each scenario is scored once."""
+def collect(spec: SyntheticStudy) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """The per-model table, the comparison table (``spec.model`` against each of
+    ``spec.against``) and the grid's own ``comparisons`` (empty when it has none), one block
+    of rows per scenario (a scenario shared by two knobs appears under both); each scenario
+    is scored once."""
     pairs = [(spec.model, ref) for ref in spec.against]
-    scored: dict[str, tuple[pd.DataFrame, pd.DataFrame]] = {}
-    tables, comparisons = [], []
+    scored: dict[str, tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]] = {}
+    outs: tuple[list, list, list] = ([], [], [])
     for scenario in spec.scenarios:
         if scenario.scenario_id not in scored:
             study = spec.scenario_study(scenario)
             boots = report.bootstraps(study, runs.load_predictions(study))
             # per cohort, then per reference (the report's order)
-            pairs_table = report.comparisons(study, boots, pairs, ("auroc",))
-            pairs_table = pairs_table.sort_values(["label_pct", "cohort"], kind="stable")
-            scored[scenario.scenario_id] = (report.summarise(study, boots), pairs_table)
-        for block, out in zip(scored[scenario.scenario_id], (tables, comparisons), strict=True):
+            blocks = [
+                report.comparisons(study, boots, p, ("auroc",)).sort_values(
+                    ["label_pct", "cohort"], kind="stable"
+                )
+                for p in (pairs, study.comparisons)
+            ]
+            scored[scenario.scenario_id] = (report.summarise(study, boots), *blocks)
+        for block, out in zip(scored[scenario.scenario_id], outs, strict=True):
             block = block.copy()
             block.insert(0, "knob", scenario.knob)
             block.insert(1, "x", str(scenario.x))
             block.insert(2, "scenario", scenario.scenario_id)
             out.append(block)
-    return pd.concat(tables, ignore_index=True), pd.concat(comparisons, ignore_index=True)
+    table, comparisons, grid_pairs = (pd.concat(o, ignore_index=True) for o in outs)
+    return table, comparisons, grid_pairs
+
+
+def grid_comparisons_section(grid_pairs: pd.DataFrame, level: float) -> str:
+    """The grid's own comparisons, per knob value and cohort, as a Markdown section."""
+    if grid_pairs.empty:
+        return ""
+    rows = [
+        {
+            r.knob: r.x,
+            "labels": f"{r.label_pct:.0f} %",
+            "cohort": r.cohort,
+            "model": r.model,
+            "against": r.against,
+            "Δ AUROC": f"{r.delta:+.3f}",
+            f"Δ {level:.0%} CI": f"[{r.delta_low:+.3f}, {r.delta_high:+.3f}]",
+            "p": f"{r.p_value:.3f}",
+            "verdict": r.verdict,
+        }
+        for r in grid_pairs.itertuples(index=False)
+    ]
+    table = report.markdown_table(pd.DataFrame(rows).fillna(""))
+    return f"\n## The grid's comparisons (`grid_comparisons.csv`)\n\n{table}\n"
 
 
 def write_outputs(spec: SyntheticStudy, wall_s: float | None = None) -> str:
-    table, comparisons = collect(spec)
+    table, comparisons, grid_pairs = collect(spec)
     spec.out.mkdir(parents=True, exist_ok=True)
     table.to_csv(spec.out / "results.csv", index=False)
     comparisons.to_csv(spec.out / "comparisons.csv", index=False)
+    if not grid_pairs.empty:
+        grid_pairs.to_csv(spec.out / "grid_comparisons.csv", index=False)
     knob_figure(
         table,
         {knob: [str(x) for x in values] for knob, (_, values, _) in spec.knobs.items()},
@@ -308,6 +338,7 @@ def write_outputs(spec: SyntheticStudy, wall_s: float | None = None) -> str:
         spec.out / "knobs.png",
     )
     text = report.synthetic_report(spec, table, comparisons)
+    text += grid_comparisons_section(grid_pairs, spec.level)
     if wall_s is not None:
         text += f"\nWall time of the runs of this invocation: {wall_s / 60:.1f} min.\n"
     (spec.out / "report.md").write_text(text)
