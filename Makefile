@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install quickstart study-quick synthetic-study-quick synthetic-study test test-full lint format bench bench-data clean
+.PHONY: help install quickstart study-quick synthetic-study-quick synthetic-study longitudinal-study-quick longitudinal-study test test-full lint format bench bench-data clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -29,6 +29,12 @@ synthetic-study-quick: $(STAMP) ## Synthetic environment study, quick: report.md
 
 synthetic-study: $(STAMP) ## Synthetic environment study, full (every knob, 3 seeds): runs/synthetic-study
 	$(PY) -m jepa_lightning.evaluation.synthetic_study --config experiments/synthetic_study/full.yaml
+
+longitudinal-study-quick: $(STAMP) ## Longitudinal study, quick (~10 min on 2 cores): runs/longitudinal-quick/report.md
+	$(PY) -m jepa_lightning.evaluation.synthetic_study --config experiments/longitudinal/quick.yaml
+
+longitudinal-study: $(STAMP) ## Longitudinal study, full (3 seeds, 2 label fractions; ~28 min): runs/longitudinal-full
+	$(PY) -m jepa_lightning.evaluation.synthetic_study --config experiments/longitudinal/full.yaml
 
 study-quick: $(STAMP) ## Small study grid on the synthetic cohort (CPU): table, ROC curves, t-SNE in runs/study-quick
 	$(PY) -m jepa_lightning.evaluation.study --config experiments/studies/quick.yaml
