@@ -197,7 +197,6 @@ class SequenceDataset(Dataset):
         self.times = times
         #: one row per sample (the patient's latest scan), as ``CTEHRDataset.table`` is
         self.table = table.iloc[[int(g[-1]) for g in self.groups]].reset_index(drop=True)
-        self.skipped: list[str] = []
 
     def __len__(self) -> int:
         return len(self.groups)
@@ -212,13 +211,11 @@ class SequenceDataset(Dataset):
                 left_out.append(f"{s['skipped']}; left out of patient {pid!r}'s sequence")
             else:
                 samples.append((int(i), s))
-        self.skipped.extend(left_out)
         if not samples or samples[-1][0] != int(idx[-1]):
             reason = (
                 f"patient {pid!r}: sequence skipped, its latest scan "
                 f"{self.table['scan_id'].iloc[p]!r} could not be read"
             )
-            self.skipped.append(reason)
             return {"skipped": reason, "skipped_scans": left_out}
         return self.stack(samples, left_out)
 

@@ -160,7 +160,7 @@ def test_volumes_are_at_the_scans_own_spacing(cohort, tables):
 
 def test_data_module_loads_the_cohort(cohort):
     dm = LIDCCohortDataModule(
-        root=str(cohort), max_scans=SCANS, external="thick_slice", batch_size=4, image_size=16
+        root=str(cohort), database_scans=SCANS, external="thick_slice", batch_size=4, image_size=16
     )
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))

@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -21,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from jepa_lightning.backbones import TemporalEncoder, TimeEmbedding
 from jepa_lightning.tasks import DiagnosisTask, LongitudinalDiagnosisTask, MultimodalJEPA
+from tests.test_distributed import run_cli
 
 IMAGE, F, C = 16, 4, 32
 TINY = {"embed_dim": C, "depth": 1, "num_heads": 2}
@@ -384,20 +382,6 @@ def _ddp_config(manifest: Path, run: Path, devices: int) -> Path:
     return path
 
 
-def _cli(*argv: str) -> None:
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(root)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "jepa_lightning", *argv],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )  # fmt: skip  (the timeout fails a deadlock instead of stalling CI)
-    assert proc.returncode == 0, proc.stderr[-6000:]
-
-
 @pytest.mark.slow
 @pytest.mark.ddp
 def test_sequence_task_under_two_process_ddp_matches_one_process(longitudinal_cohort, tmp_path):
@@ -409,7 +393,7 @@ def test_sequence_task_under_two_process_ddp_matches_one_process(longitudinal_co
     df.to_parquet(manifest)
     run = tmp_path / "ddp"
     config = _ddp_config(manifest, run, devices=2)
-    _cli("fit", "--config", str(config))
+    run_cli("fit", "--config", str(config))
     fit = [torch.load(run / f"fit_rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert [r["world_size"] for r in fit] == [2, 2]
     for key in fit[0]["state_dict"]:
@@ -423,14 +407,16 @@ def test_sequence_task_under_two_process_ddp_matches_one_process(longitudinal_co
     assert "val/auroc" in val[0] and val[0] == val[1]
 
     ckpt = str(run / "checkpoints" / "last.ckpt")
-    _cli("test", "--config", str(config), f"--ckpt_path={ckpt}")
+    run_cli("test", "--config", str(config), f"--ckpt_path={ckpt}")
     ranks = [torch.load(run / f"test_rank{r}.pt", weights_only=False) for r in (0, 1)]
     scans = [s for r in ranks for s, _ in r["test_scans"]]
     assert (
         len(scans) == len(set(scans)) == int(((df["split"] == "test") & df["label"].notna()).sum())
     )  # every labelled test patient once
     single = tmp_path / "single"
-    _cli("test", "--config", str(_ddp_config(manifest, single, devices=1)), f"--ckpt_path={ckpt}")
+    run_cli(
+        "test", "--config", str(_ddp_config(manifest, single, devices=1)), f"--ckpt_path={ckpt}"
+    )
     one = torch.load(single / "test_rank0.pt", weights_only=False)["metrics"]
     for cohort in ("internal", "external"):
         for name in ("auroc", "auprc", "n_scans"):

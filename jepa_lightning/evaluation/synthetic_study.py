@@ -314,8 +314,8 @@ def grid_comparisons_section(grid_pairs: pd.DataFrame, level: float) -> str:
             "model": r.model,
             "against": r.against,
             "Δ AUROC": f"{r.delta:+.3f}",
-            f"Δ {level:.0%} CI": f"[{r.delta_low:+.3f}, {r.delta_high:+.3f}]",
-            "p": f"{r.p_value:.3f}",
+            f"Δ {level:.0%} CI": report._ci(r.delta_low, r.delta_high),
+            "p": report._p(r.p_value),
             "verdict": r.verdict,
         }
         for r in grid_pairs.itertuples(index=False)

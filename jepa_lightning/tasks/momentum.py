@@ -61,7 +61,7 @@ class MomentumSSLTask(SSLTask):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        for _, target in self.momentum_pairs() if hasattr(self, "target_encoder") else ():
+        for _, target in self.momentum_pairs():
             target.eval()  # a target never runs in training mode
         return self
 

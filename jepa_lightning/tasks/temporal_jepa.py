@@ -25,8 +25,7 @@ from jepa_lightning.backbones.vit3d import gather_tokens
 from jepa_lightning.losses import latent_regression_loss
 from jepa_lightning.masking import SequenceMaskCollator
 from jepa_lightning.tasks.jepa import MASK_KEYS, MultimodalJEPA
-
-SEQUENCE_KEYS = ("scan_mask", "scan_times")
+from jepa_lightning.tasks.longitudinal import SEQUENCE_KEYS
 
 
 def latest_scan(batch: dict) -> dict:
