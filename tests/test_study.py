@@ -169,6 +169,12 @@ def test_study_micro_grid_writes_table_and_plots_then_resumes(micro_study, tiny_
     assert "2 already done, 0 to run" in log and "running" not in log
     pd.testing.assert_frame_equal(again, table)
 
+    # Finished runs never pretrain again, even when the pretraining's marker is gone.
+    (out / "pretrain" / "jepa" / "done.json").unlink()
+    study.main(["--config", str(cfg)])
+    log = capsys.readouterr().out
+    assert "2 already done, 0 to run" in log and "pretraining" not in log
+
     # A run whose folder lacks the marker (interrupted) is run again, alone.
     (out / "runs" / "supervised__scratch__f0.5__s0" / "done.json").unlink()
     study.main(["--config", str(cfg)])

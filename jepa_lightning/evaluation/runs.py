@@ -189,6 +189,19 @@ def execute_run(study: Study, run: Run, init_from: str | None) -> dict[str, Any]
     return marker
 
 
+def finished_init_from(study: Study, run: Run) -> str | None:
+    """The checkpoint a finished run was initialised from: its pretraining's marker, or (when
+    that folder was removed) what the run's own marker recorded."""
+    if not study.protocols[run.protocol].pretrained:
+        return None
+    pretrained = read_marker(pretrain_folder(study, run.method))
+    if pretrained is not None:
+        return pretrained["checkpoint"]
+    flag = "--model.init_args.init_from="
+    recorded = read_marker(run_folder(study, run)) or {}
+    return next((a[len(flag) :] for a in recorded.get("argv", []) if a.startswith(flag)), None)
+
+
 def run_status(study: Study) -> list[tuple[Run, bool]]:
     return [(r, read_marker(run_folder(study, r)) is not None) for r in study.runs()]
 
@@ -204,11 +217,11 @@ def run_study(study: Study) -> list[Run]:
     for run in runs:
         folder = run_folder(study, run)
         p = study.protocols[run.protocol]
-        init_from = ensure_pretrained(study, run.method) if p.pretrained else None
         marker = read_marker(folder)
-        if marker is not None:
-            check_same_args(folder, marker, run_argv(study, run, init_from))
+        if marker is not None:  # finished: check its arguments, never pretrain for it
+            check_same_args(folder, marker, run_argv(study, run, finished_init_from(study, run)))
             continue
+        init_from = ensure_pretrained(study, run.method) if p.pretrained else None
         k = len(ran) + 1
         say(f"({k}/{len(todo)}) {run.run_id}: running")
         result = execute_run(study, run, init_from)
