@@ -40,6 +40,7 @@ from data_modules.ehr_features import feature_names, fit_ehr_stats, normalise_eh
 from data_modules.ehr_table import EHRJoin
 from data_modules.label_subsets import LabelFractionError
 from data_modules.manifest import RowProblems, read_table, resolve_image_paths, validate_manifest
+from data_modules.roi import ROISpace, check_declared
 from data_modules.sequences import (
     SequenceCollator,
     SequenceDataset,
@@ -100,6 +101,10 @@ class CTEHRDataModule(L.LightningDataModule):
             ``scan_times`` (days relative to the latest scan) and the latest scan's label;
             see :mod:`data_modules.sequences` for the batch keys and the manifest rules.
         max_scans: sequence mode: the latest ``max_scans`` scans of a patient are kept.
+        roi_space: the coordinate space of ``roi_x/roi_y/roi_z``: ``ras_mm``, ``lps_mm``
+            (what DICOM tools report) or ``voxel`` (indices of the stored array); see
+            :mod:`data_modules.roi`. A ``roi_space`` column declares it per row instead. A
+            manifest with ROI centres and neither is refused at setup: no default guess.
     """
 
     def __init__(
@@ -129,12 +134,14 @@ class CTEHRDataModule(L.LightningDataModule):
         label_subset_seed: int = 0,
         sequence: bool = False,
         max_scans: int = 4,
+        roi_space: ROISpace | None = None,
     ):
         super().__init__()
         if max_scans < 1:
             raise ValueError(f"max_scans must be at least 1, got {max_scans}")
         self.sequence = sequence
         self.max_scans = max_scans
+        self.roi_space = check_declared(roi_space, "data.init_args")
         if not 0.0 < label_fraction <= 1.0:
             raise LabelFractionError(f"label_fraction must be in (0, 1], got {label_fraction}")
         self.label_fraction = label_fraction
@@ -194,7 +201,10 @@ class CTEHRDataModule(L.LightningDataModule):
             require_scan_times(df, str(self.manifest), self.on_bad_sample)
         if self.ehr_table is not None:
             df = with_ehr_table(df, self.manifest, self.ehr_table, self.ehr_join, names)
-        df = validate_manifest(df, str(self.manifest), names, self.on_bad_sample, self.problems)
+        df = validate_manifest(
+            df, str(self.manifest), names, self.on_bad_sample, self.problems,
+            roi_space=self.roi_space,
+        )  # fmt: skip
         df = with_splits(df, self.manifest, self.val_fraction, self.test_fraction, self.split_seed)
         if self.sequence:
             df = check_sequences(df, str(self.manifest), self.problems)

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from data_modules.cache import AtomicPersistentDataset
 from data_modules.manifest import ROI_COLUMNS, RowProblems
 from data_modules.readers import BadSampleError, as_bad_sample
+from data_modules.roi import ROI_SPACE_COLUMN
 from data_modules.streaming import StreamingLoader
 from data_modules.transforms import CTAugment, load_volume, volume_item
 
@@ -33,12 +34,17 @@ def volume_items(table: pd.DataFrame) -> list[dict[str, Any]]:
     """One :func:`volume_item` per row (ROI from ``roi_x/y/z`` when the manifest has them)."""
     has_roi = all(c in table.columns for c in ROI_COLUMNS)
     rois = table[list(ROI_COLUMNS)].to_numpy(dtype=float) if has_roi else [None] * len(table)
-    return [volume_item(p, r) for p, r in zip(table["image_path"], rois, strict=True)]
+    spaces = table[ROI_SPACE_COLUMN] if ROI_SPACE_COLUMN in table.columns else None
+    spaces = spaces.tolist() if spaces is not None else [None] * len(table)
+    return [
+        volume_item(p, r, s or "ras_mm")  # validate_manifest refused ROIs without a space
+        for p, r, s in zip(table["image_path"], rois, spaces, strict=True)
+    ]
 
 
 def cache_key(item: dict[str, Any]) -> tuple:
     """The in-RAM cache key: one entry per (file, ROI), so two nodules of a scan differ."""
-    return (item["image"], item["roi"])
+    return (item["image"], item["roi"], item.get("roi_space"))
 
 
 def read_volume(

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from data_modules.roi import ROI_SPACE_COLUMN, row_spaces, undeclared_message
+
 REQUIRED_COLUMNS = ("patient_id", "scan_id", "image")
 SPLITS = ("train", "val", "test")
 EHR_PREFIX = "ehr_"
@@ -117,8 +119,13 @@ def validate_manifest(
     on_bad_sample: str = "raise",
     problems: RowProblems | None = None,
     table_problems: list[str] | None = None,
+    roi_space: str | None = None,
 ) -> pd.DataFrame:
     """Check the table against the data contract and return a clean copy.
+
+    ``roi_space`` declares the coordinate space of ``roi_x/y/z`` for every row (see
+    :mod:`data_modules.roi`); a ``roi_space`` column does it per row. An ROI with neither
+    is a table-level fault: there is no default guess.
 
     Table-level faults (missing columns, empty ids, duplicate ``scan_id``, a patient in two
     splits) raise: no row can be trusted until they are fixed. Row-level faults (a label
@@ -209,7 +216,7 @@ def validate_manifest(
     if roi_present and len(roi_present) < 3:
         table_fault(
             f"manifest {source} has {roi_present} but not all of {list(ROI_COLUMNS)}; "
-            "give the ROI centre as three columns (world mm) or none"
+            "give the ROI centre as three columns (and its roi_space) or none"
         )
         df = df.drop(columns=roi_present)
         roi_present = []
@@ -227,6 +234,14 @@ def validate_manifest(
         roi = df[list(ROI_COLUMNS)].to_numpy(dtype="float64", na_value=np.nan)
         partial = np.isnan(roi).any(1) & ~np.isnan(roi).all(1)
         flag(partial, lambda i: "has only some of roi_x/roi_y/roi_z; give all three or none")
+        has_roi = np.isfinite(roi).all(1) & ~bad
+        spaces, faults = row_spaces(df, has_roi, roi_space, source)
+        undeclared = [i for i, msg in faults if msg.endswith("but no roi_space")]
+        if undeclared:  # one message for the table: the declaration is missing, not a row
+            table_fault(undeclared_message(source, len(undeclared), undeclared[0]))
+        others = dict(f for f in faults if not f[1].endswith("but no roi_space"))
+        flag(np.isin(np.arange(len(df)), list(others)), lambda i: others[i])
+        df[ROI_SPACE_COLUMN] = spaces
 
     if "split" in df.columns:
         split = df["split"].astype(str).str.strip().str.lower()

@@ -32,6 +32,7 @@ from data_modules.dicom import (
 )
 
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+STORED_AFFINE = "stored_affine"  # meta key: voxel -> RAS mm of the array as stored
 
 
 class BadSampleError(ValueError):
@@ -146,11 +147,14 @@ class LoadCTd(MapTransform):
 
     def read_nifti(self, path: str) -> MetaTensor:
         img = nib.load(path)
+        stored = img.affine  # voxel ROIs are indices of the array as stored (data_modules.roi)
         if self.canonical:
             img = nib.as_closest_canonical(img)
         data = np.asarray(img.get_fdata(dtype=np.float32))  # scale slope/intercept applied
         return MetaTensor(
-            torch.from_numpy(data), affine=torch.as_tensor(img.affine, dtype=torch.float64)
+            torch.from_numpy(data),
+            affine=torch.as_tensor(img.affine, dtype=torch.float64),
+            meta={STORED_AFFINE: np.asarray(stored, dtype=np.float64)},
         )
 
     def read_enhanced(self, path: Path, headers: VolumeHeaders) -> MetaTensor:
@@ -198,4 +202,6 @@ class LoadCTd(MapTransform):
                 f"image {path} has {n_bad} NaN/inf voxels; fix or exclude the scan"
             )
         img = img.float() if img.dtype != torch.float32 else img
+        if STORED_AFFINE not in img.meta:  # DICOM: the reader's array, before orientation
+            img.meta[STORED_AFFINE] = np.asarray(img.affine, dtype=np.float64)
         return orient(img) if orient is not None else img

@@ -48,7 +48,14 @@ from monai.transforms import (
 )
 from monai.transforms.utils import generate_spatial_bounding_box
 
-from data_modules.readers import BadSampleError, LoadCTd, as_bad_sample, file_stamp
+from data_modules.readers import (
+    STORED_AFFINE,
+    BadSampleError,
+    LoadCTd,
+    as_bad_sample,
+    file_stamp,
+)
+from data_modules.roi import ROI_SPACE_HINT, check_declared, roi_to_ras
 
 PREPROCESS_VERSION = 2  # bump when the chain changes in a way the config does not show
 
@@ -145,6 +152,21 @@ def roi_voxel_centre(affine: np.ndarray, roi_mm: Sequence[float]) -> np.ndarray:
     return (np.linalg.inv(np.asarray(affine, dtype=np.float64)) @ np.r_[roi_mm, 1.0])[:3]
 
 
+def check_roi_inside(
+    centre: np.ndarray, shape: np.ndarray, roi: Sequence[float], space: str, source: str
+) -> None:
+    """A :class:`BadSampleError` naming the file, the ROI and its declared space when the
+    centre (continuous voxel index ``centre``) lies outside a volume of ``shape``."""
+    if np.all(centre >= -0.5) and np.all(centre <= np.asarray(shape) - 0.5):
+        return
+    unit = "voxel index" if space == "voxel" else "mm"
+    raise BadSampleError(
+        f"image {source}: ROI centre {tuple(round(float(v), 2) for v in roi)} ({space}, {unit}) "
+        f"lies outside the scan (voxel {np.round(centre, 1).tolist()} of shape "
+        f"{np.asarray(shape).tolist()}); check roi_space ({ROI_SPACE_HINT})"
+    )
+
+
 class CropAroundROId(MapTransform):
     """A fixed-size box around the ROI centre (world mm) or, without ROI, the foreground centre.
 
@@ -165,16 +187,12 @@ class CropAroundROId(MapTransform):
         self.roi_key, self.size = roi_key, np.asarray(size, dtype=int)
         self.fallback, self.foreground_hu, self.pad_hu = fallback, foreground_hu, pad_hu
 
-    def centre(self, img: torch.Tensor, roi: Any, source: str) -> np.ndarray:
+    def centre(self, img: torch.Tensor, roi: Any, source: str, space: str = "ras_mm") -> np.ndarray:
         shape = np.asarray(img.shape[1:])
         if roi is not None and np.all(np.isfinite(np.asarray(roi, dtype=float))):
-            centre = roi_voxel_centre(img.affine, roi)
-            if np.any(centre < -0.5) or np.any(centre > shape - 0.5):
-                raise BadSampleError(
-                    f"image {source}: ROI centre {tuple(float(v) for v in roi)} mm lies outside "
-                    f"the scan (voxel {np.round(centre, 1).tolist()} of shape {shape.tolist()}); "
-                    "roi_x/roi_y/roi_z must be world (scanner) coordinates in mm, not voxels"
-                )
+            world = roi_to_ras(roi, space, img.meta.get(STORED_AFFINE))
+            centre = roi_voxel_centre(img.affine, world)
+            check_roi_inside(centre, shape, roi, space, source)
             return centre
         if self.fallback == "foreground":
             start, end = generate_spatial_bounding_box(img, lambda x: x > self.foreground_hu)
@@ -186,7 +204,8 @@ class CropAroundROId(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             img = d[key]
-            centre = self.centre(img, d.get(self.roi_key), str(d.get("source", "?")))
+            source = str(d.get("source", "?"))
+            centre = self.centre(img, d.get(self.roi_key), source, d.get("roi_space", "ras_mm"))
             shape = np.asarray(img.shape[1:])
             start = np.rint(centre).astype(int) - self.size // 2
             end = start + self.size
@@ -261,13 +280,26 @@ def pipeline_key(
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def volume_item(path: str | Path, roi: Sequence[float] | None = None) -> dict[str, Any]:
-    """The dict the chain reads: the file, its ROI (or None) and its content stamp (for the
-    cache key: a re-exported file gets a new cache entry)."""
-    roi_t = None
+def volume_item(
+    path: str | Path, roi: Sequence[float] | None = None, roi_space: str = "ras_mm"
+) -> dict[str, Any]:
+    """The dict the chain reads: the file, its ROI (or None) in ``roi_space`` (see
+    :mod:`data_modules.roi`; LPS is turned into RAS here, voxel indices once the file's
+    affine is read) and its content stamp (for the cache key: a re-exported file gets a
+    new cache entry)."""
+    roi_t, space = None, "ras_mm"
     if roi is not None and np.all(np.isfinite(np.asarray(roi, dtype=float))):
+        space = check_declared(roi_space, str(path)) or "ras_mm"
+        if space == "lps_mm":
+            roi, space = roi_to_ras(roi, space), "ras_mm"
         roi_t = tuple(float(v) for v in roi)
-    return {"image": str(path), "source": str(path), "roi": roi_t, "stamp": file_stamp(path)}
+    return {
+        "image": str(path),
+        "source": str(path),
+        "roi": roi_t,
+        "roi_space": space,
+        "stamp": file_stamp(path),
+    }
 
 
 def load_volume(item: Mapping[str, Any], pipeline: Compose) -> torch.Tensor:

@@ -34,6 +34,7 @@ from data_modules.ehr_table import (
     read_ehr_table,
 )
 from data_modules.manifest import (
+    ROI_COLUMNS,
     ManifestError,
     RowProblems,
     ehr_columns,
@@ -42,6 +43,8 @@ from data_modules.manifest import (
     validate_manifest,
 )
 from data_modules.readers import BadSampleError, LoadCTd, dicom_volume, is_dicom_path
+from data_modules.roi import ROI_SPACE_COLUMN, ROI_SPACE_HINT, ROI_SPACES
+from data_modules.roi_check import check_roi
 
 
 @dataclass
@@ -102,6 +105,7 @@ class Report:
             "cohorts",
             "ehr_features",
             "ehr_rows_matched",
+            "rois_checked",
         ):
             if key in s:
                 lines.append(f"- {key}: {s[key]}")
@@ -177,8 +181,13 @@ def check_archive(
     ehr_cols: list[str] | None = None,
     decode: bool = False,
     progress: bool = True,
+    roi_space: str | None = None,
 ) -> Report:
-    """Every check, collecting problems instead of stopping at the first."""
+    """Every check, collecting problems instead of stopping at the first.
+
+    With ``decode``, each ROI centre is also looked up in its decoded scan
+    (:mod:`data_modules.roi_check`): a centre in air, lung parenchyma or outside the body is
+    a warning, and a problem when the mirrored (LPS <-> RAS) reading lands in tissue."""
     report = Report(str(manifest))
     try:
         df = read_table(manifest)
@@ -197,7 +206,9 @@ def check_archive(
     table_problems: list[str] = []
     df["_row"] = np.arange(len(df))  # the user's row numbers, kept through dropped rows
     try:
-        clean = validate_manifest(df, str(manifest), names, "skip", problems, table_problems)
+        clean = validate_manifest(
+            df, str(manifest), names, "skip", problems, table_problems, roi_space
+        )
     except ManifestError as err:  # no image column: nothing further can be checked
         report.problems.append(str(err))
         return report
@@ -219,8 +230,11 @@ def check_archive(
     clean["image_path"] = resolve_image_paths(clean, manifest)
     loader = LoadCTd("image") if decode else None
     paths = clean["image_path"].tolist()
+    rois = row_rois(clean)
+    decoded: tuple[str, Any] | None = None  # the last decoded volume (rows of a scan)
     for i, path in enumerate(tqdm(paths, desc="checking images", disable=not progress)):
         p = Path(path)
+        row = f"row {int(clean['_row'].iloc[i])} (scan_id={clean['scan_id'].iloc[i]!r})"
         if path in report.images:
             info = report.images[path]
         elif not p.exists():
@@ -229,19 +243,35 @@ def check_archive(
             info = dicom_header_info(p)
         else:
             info = nifti_header_info(p)
-        if info.problem is None and loader is not None and path not in report.images:
+        if info.problem is None and loader is not None and (decoded or ("",))[0] != path:
+            decoded = None
             try:
-                loader.load(p)
+                decoded = (path, loader.load(p))
             except BadSampleError as err:
                 info = ImageInfo(problem=str(err))
         report.images[path] = info
         if info.problem is not None:
-            report.problems.append(
-                f"row {int(clean['_row'].iloc[i])} (scan_id={clean['scan_id'].iloc[i]!r}): "
-                f"{info.problem}"
-            )
+            report.problems.append(f"{row}: {info.problem}")
+        elif decoded is not None and decoded[0] == path and rois[i] is not None:
+            report.counts["rois_checked"] = report.counts.get("rois_checked", 0) + 1
+            message, space_wrong = check_roi(decoded[1], *rois[i])
+            if message is not None:
+                (report.problems if space_wrong else report.warnings).append(f"{row}: {message}")
     report.counts["images_checked"] = len(report.images)
     return report
+
+
+def row_rois(clean) -> list[tuple[tuple[float, ...], str] | None]:
+    """Each row's (ROI centre, space), or None for a row without a usable one."""
+    if not all(c in clean.columns for c in ROI_COLUMNS) or ROI_SPACE_COLUMN not in clean:
+        return [None] * len(clean)
+    out: list[tuple[tuple[float, ...], str] | None] = []
+    for roi, space in zip(
+        clean[list(ROI_COLUMNS)].to_numpy(dtype=float), clean[ROI_SPACE_COLUMN], strict=True
+    ):
+        ok = space in ROI_SPACES and np.isfinite(roi).all()
+        out.append((tuple(float(v) for v in roi), space) if ok else None)
+    return out
 
 
 def _join_ehr_table(
@@ -281,13 +311,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ehr", help="EHR table joined onto the manifest (.csv or .parquet)")
     parser.add_argument("--ehr-join", choices=list(KEYS), default="scan_id")
     parser.add_argument("--ehr-columns", nargs="+", help="EHR feature columns (default: all)")
-    parser.add_argument("--decode", action="store_true", help="also decode every volume (slow)")
+    parser.add_argument(
+        "--roi-space",
+        choices=list(ROI_SPACES),
+        help="coordinate space of roi_x/y/z for every row (or a roi_space column): "
+        + ROI_SPACE_HINT,
+    )
+    parser.add_argument(
+        "--decode",
+        action="store_true",
+        help="also decode every volume (slow) and report the HU at each ROI centre",
+    )
     parser.add_argument("--json", help="also write the report as JSON here")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     report = check_archive(
-        args.manifest, args.ehr, args.ehr_join, args.ehr_columns, args.decode, not args.no_progress
-    )
+        args.manifest, args.ehr, args.ehr_join, args.ehr_columns, args.decode,
+        not args.no_progress, args.roi_space,
+    )  # fmt: skip
     print(report.markdown())
     if args.json:
         Path(args.json).write_text(json.dumps(report.summary(), indent=2, default=str))

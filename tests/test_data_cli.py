@@ -60,6 +60,7 @@ def _data_yaml(tmp_path, manifest, ehr, **extra) -> str:
                 "cache_dir": str(tmp_path / "cache"),
                 "ehr_table": str(ehr),
                 "ehr_join": "scan_id",
+                "roi_space": "ras_mm",
                 **extra,
             },
         }

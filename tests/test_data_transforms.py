@@ -93,7 +93,7 @@ def test_missing_roi_falls_back_to_the_foreground_centre(tmp_path):
 def test_roi_outside_the_scan_names_file_and_units(tmp_path):
     path = write_nifti(tmp_path / "a.nii.gz", blob_volume(), AFFINE)
     pre = CTPreprocess(crop_size=(8, 8, 8))
-    with pytest.raises(BadSampleError, match=r"a\.nii\.gz.*lies outside the scan.*not voxels"):
+    with pytest.raises(BadSampleError, match=r"a\.nii\.gz.*lies outside the scan.*check roi_space"):
         load_volume(volume_item(path, (5000.0, 0.0, 0.0)), ct_pipeline((8, 8, 8), WINDOW, pre))
 
 

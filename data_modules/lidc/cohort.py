@@ -91,6 +91,7 @@ def nodule_record(
         "roi_x": 0.0,
         "roi_y": 0.0,
         "roi_z": 0.0,
+        "roi_space": "ras_mm",
         **ehr_features(job),
     }
     facts = {

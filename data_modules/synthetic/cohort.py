@@ -137,6 +137,7 @@ def patient_record(
             "roi_x": centre[0],
             "roi_y": centre[1],
             "roi_z": centre[2],
+            "roi_space": "ras_mm",
             **dict(zip(names, ehr.tolist(), strict=True)),
         }
         latents = {

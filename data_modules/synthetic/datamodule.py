@@ -84,6 +84,7 @@ class SyntheticCohortDataModule(CTEHRDataModule):
         # The loader / preprocessing / label-fraction arguments are CTEHRDataModule's own
         # (jsonargparse reads them through this call, so the CLI and YAML accept them).
         reject_fixed(kwargs, CTEHRDataModule, "synthetic")
+        kwargs.setdefault("roi_space", "ras_mm")  # the generator writes world RAS mm
         super().__init__(manifest=str(Path(root) / "manifest.parquet"), **kwargs)
 
     @property
