@@ -56,8 +56,9 @@ format: $(STAMP) ## ruff autofix + format
 bench: $(STAMP) ## Benchmarks under experiments/benchmarks (prints a table)
 	$(PY) -m experiments.benchmarks.run_all
 
-bench-data: $(STAMP) ## Disk cache vs decoding on a synthetic .nii.gz archive (N=500 SIZE=128)
+bench-data: $(STAMP) ## Disk cache vs decoding (N=500 SIZE=128); one 512x512x300 CT to a crop, before/after
 	$(PY) -m experiments.benchmarks.data_cache --n-scans $(or $(N),500) --size $(or $(SIZE),128)
+	$(PY) -m experiments.benchmarks.real_size --repeats $(or $(REPEATS),3)
 
 clean: ## Remove run outputs (never the .venv)
 	rm -rf runs .pytest_cache

@@ -28,12 +28,12 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
 from data_modules.cache import AtomicPersistentDataset, volume_cache_for
+from data_modules.cache_fill import preload_volumes
 from data_modules.dataset import (
     BatchCollator,
     CTEHRDataset,
     ReportingLoader,
     ReportingStreamLoader,
-    preload_volumes,
     volume_items,
 )
 from data_modules.ehr_features import feature_names, fit_ehr_stats, normalise_ehr, with_ehr_table
@@ -264,14 +264,18 @@ class CTEHRDataModule(L.LightningDataModule):
 
     def fill_cache(self, rows: pd.DataFrame, name: str) -> pd.DataFrame:
         """Decode + preprocess every volume of ``rows`` once into the RAM cache (through the
-        disk cache when there is one); returns the rows whose volume could be read."""
+        disk cache when there is one), over ``num_workers`` processes and, with a disk
+        cache, split over DDP ranks (:mod:`~data_modules.cache_fill`); returns the rows
+        whose volume could be read."""
         if self._cache is None:
             self._cache = volume_cache_for(
                 pipeline_key(self.image_size, self.hu_window, self.preprocess)
             )
+        trainer = getattr(self, "trainer", None)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (None, None)
         return preload_volumes(
             rows, self._cache, self.pipeline(), self.disk_cache(rows), self.on_bad_sample,
-            self.problems, name,
+            self.problems, name, self.num_workers, rank, world,
         )  # fmt: skip
 
     # --- checkpoint state: EHR statistics (fitted on train only), preprocessing, masks -----

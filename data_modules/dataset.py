@@ -18,10 +18,9 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
-from tqdm.auto import tqdm
 
 from data_modules.cache import AtomicPersistentDataset
-from data_modules.manifest import ROI_COLUMNS, RowProblems
+from data_modules.manifest import ROI_COLUMNS
 from data_modules.readers import BadSampleError, as_bad_sample
 from data_modules.roi import ROI_SPACE_COLUMN
 from data_modules.streaming import StreamingLoader
@@ -69,35 +68,6 @@ def bad_sample(err: BadSampleError, scan_id: Any, on_bad_sample: str) -> str:
     if on_bad_sample == "raise":
         raise BadSampleError(reason + "; or set on_bad_sample: skip") from err
     return reason
-
-
-def preload_volumes(
-    rows: pd.DataFrame,
-    cache: dict[tuple, torch.Tensor],
-    pipeline,
-    disk: AtomicPersistentDataset | None,
-    on_bad_sample: str,
-    problems: RowProblems,
-    name: str,
-) -> pd.DataFrame:
-    """Decode + preprocess every volume of ``rows`` not yet in ``cache`` once, into it.
-
-    Why at setup: each volume is then decoded once per process however many epochs and
-    workers read it. Returns the rows whose volume could be read; the others raise or are
-    dropped and counted in ``problems``.
-    """
-    items = volume_items(rows)
-    keep = np.ones(len(rows), dtype=bool)
-    todo = [i for i, item in enumerate(items) if cache_key(item) not in cache]
-    for i in tqdm(todo, desc=f"loading {name} volumes", disable=not todo, leave=False):
-        try:
-            cache[cache_key(items[i])] = read_volume(items, i, pipeline, disk)
-        except BadSampleError as err:
-            problems.add(bad_sample(err, rows["scan_id"].iloc[i], on_bad_sample))
-            keep[i] = False
-    if not keep.all():
-        log.warning("%s split: %s", name, problems.summary())
-    return rows[keep].reset_index(drop=True)
 
 
 class CTEHRDataset(Dataset):

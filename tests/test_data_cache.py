@@ -41,12 +41,18 @@ def volumes(tmp_path):
 def count_decodes(monkeypatch):
     calls = []
     original = transforms.LoadCTd.load
+    original_crop = transforms.ReadROICropd.crop  # a crop reads its box only (issue 24)
 
     def counting(self, path):
         calls.append(str(path))
         return original(self, path)
 
+    def counting_crop(self, path, data):
+        calls.append(str(path))
+        return original_crop(self, path, data)
+
     monkeypatch.setattr(transforms.LoadCTd, "load", counting)
+    monkeypatch.setattr(transforms.ReadROICropd, "crop", counting_crop)
     return calls
 
 
