@@ -48,15 +48,55 @@ def with_ehr_table(
     return df
 
 
+def fit_categories(train: pd.DataFrame, names: list[str]) -> dict[str, list[str]]:
+    """The categories of each text (categorical) feature, from the training rows only,
+    sorted: a category's code is its index (see :mod:`data_modules.cell_values`)."""
+    cats = {}
+    for name in names:
+        if not pd.api.types.is_numeric_dtype(train[name]):  # text: categorical
+            values = train[name].dropna().map(lambda v: str(v).strip().lower())
+            cats[name] = sorted(set(values.tolist()))
+    return cats
+
+
+def encode_ehr(rows: pd.DataFrame, stats: dict[str, Any], warn: bool = False) -> np.ndarray:
+    """``rows``' features as float64 ``[N, F]``: numbers and days as they are, categories as
+    their training code; a category unseen in training is missing (NaN), counted in a
+    warning when ``warn``."""
+    cats = stats.get("categories", {})
+    out = np.empty((len(rows), len(stats["columns"])), dtype=np.float64)
+    for j, name in enumerate(stats["columns"]):
+        column = rows[name]
+        if name not in cats:
+            out[:, j] = pd.to_numeric(column, errors="coerce").to_numpy(
+                dtype=np.float64, na_value=np.nan
+            )
+            continue
+        text = column.map(lambda v: v if pd.isna(v) else str(v).strip().lower())
+        codes = text.map({c: float(k) for k, c in enumerate(cats[name])})
+        unseen = text.notna() & codes.isna()
+        if warn and unseen.any():
+            log.warning(
+                "EHR column %r: %d value(s) not seen in training (e.g. %r; training had %s) "
+                "are treated as missing",
+                name, int(unseen.sum()), text[unseen].iloc[0], cats[name],
+            )  # fmt: skip
+        out[:, j] = codes.to_numpy(dtype=np.float64, na_value=np.nan)
+    return out
+
+
 def fit_ehr_stats(table: pd.DataFrame, names: list[str], manifest: str) -> dict[str, Any]:
-    """Per-feature mean and standard deviation over the training rows (NaN ignored).
+    """Per-feature categories (text features), mean and standard deviation over the training
+    rows (NaN ignored); all of it travels in the checkpoint.
 
     A feature missing in every training row keeps mean 0 / std 1 (it stays always-missing);
     a constant one gets std 1, so normalising never divides by zero.
     """
-    train = table.loc[table["split"] == "train", names].to_numpy(dtype=np.float64, na_value=np.nan)
-    if len(train) == 0:
+    rows = table.loc[table["split"] == "train", names]
+    if len(rows) == 0:
         raise ValueError(f"manifest {manifest}: no training rows to fit EHR statistics on")
+    cats = fit_categories(rows, names)
+    train = encode_ehr(rows, {"columns": names, "categories": cats})
     with np.errstate(all="ignore"):
         mean = np.nanmean(train, axis=0)
         std = np.nanstd(train, axis=0)
@@ -65,14 +105,17 @@ def fit_ehr_stats(table: pd.DataFrame, names: list[str], manifest: str) -> dict[
         log.warning(
             "EHR columns missing in every training row (kept as always-missing): %s", all_missing
         )
+    if cats:
+        log.info("EHR categorical columns (codes = index, fitted on train): %s", cats)
     mean = np.nan_to_num(mean, nan=0.0)
     std = np.where(np.isnan(std) | (std < 1e-8), 1.0, std)
-    return {"columns": names, "mean": mean.tolist(), "std": std.tolist()}
+    return {"columns": names, "mean": mean.tolist(), "std": std.tolist(), "categories": cats}
 
 
 def normalise_ehr(rows: pd.DataFrame, stats: dict[str, Any]) -> np.ndarray:
-    """``rows``' features z-scored with ``stats`` (float32 ``[N, F]``; NaN stays missing)."""
-    values = rows[stats["columns"]].to_numpy(dtype=np.float32, na_value=np.nan)
+    """``rows``' features encoded (:func:`encode_ehr`) and z-scored with ``stats`` (float32
+    ``[N, F]``; NaN stays missing)."""
+    values = encode_ehr(rows, stats, warn=True).astype(np.float32)
     mean = np.asarray(stats["mean"], dtype=np.float32)
     std = np.asarray(stats["std"], dtype=np.float32)
     return ((values - mean) / std).astype(np.float32)

@@ -31,6 +31,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
+from data_modules.cell_values import parse_column
 from data_modules.manifest import ManifestError, normalise_key, read_table, table_columns
 
 log = logging.getLogger(__name__)
@@ -121,31 +122,32 @@ def read_ehr_table(path: str | Path, join: EHRJoin, columns: list[str]) -> pd.Da
                 raise ManifestError(
                     f"EHR table {path}: row {int(np.flatnonzero(blank)[0])} has an empty {k!r}"
                 )
+    faults: list[str] = []  # every bad column, each once, in one error
     if "scan_time" in keys:
-        t = pd.to_numeric(df["scan_time"], errors="coerce")
-        bad = t.isna().to_numpy()
-        if bad.any():
+        parsed = parse_column(df["scan_time"], "scan_time", categorical=False)
+        faults += parsed.column_faults
+        t = parsed.values.to_numpy(dtype="float64", na_value=np.nan)
+        bad = ~np.isfinite(t)
+        if bad.any() and not parsed.column_faults:
             i = int(np.flatnonzero(bad)[0])
-            raise ManifestError(
-                f"EHR table {path}: row {i} has scan_time {df['scan_time'].iloc[i]!r}; "
-                "nearest_before needs a number (days) in every row"
+            faults.append(
+                f"row {i} has scan_time {df['scan_time'].iloc[i]!r} ({int(bad.sum())} such "
+                "row(s)); nearest_before needs a number (days) or an ISO date in every row"
             )
-        df["scan_time"] = t.astype("float64")
+        df["scan_time"] = t
     for col in columns:
-        raw = df[col]
-        values = pd.to_numeric(raw, errors="coerce")
-        text = raw.astype(str).str.strip()
-        bad = (values.isna() & raw.notna() & (text != "") & (text.str.lower() != "nan")).to_numpy()
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise ManifestError(
-                f"EHR table {path}: row {i} column {col!r} holds {raw.iloc[i]!r}, which is not a "
-                f"number ({int(bad.sum())} such row(s)); leave a cell empty for a missing value"
-            )
-        if np.isinf(values.to_numpy(dtype="float64", na_value=np.nan)).any():
-            i = int(np.flatnonzero(np.isinf(values.to_numpy(dtype="float64", na_value=np.nan)))[0])
-            raise ManifestError(f"EHR table {path}: row {i} column {col!r} is infinite")
-        df[col] = values.astype("float32")
+        parsed = parse_column(df[col], f"column {col!r}")
+        faults += parsed.column_faults
+        if parsed.row_faults:
+            rows = sorted(parsed.row_faults)
+            more = f" ({len(rows)} such row(s))" if len(rows) > 1 else ""
+            faults.append(f"row {rows[0]}: {parsed.row_faults[rows[0]]}{more}")
+        values = parsed.values
+        df[col] = values.to_numpy() if parsed.kind == "categorical" else values.astype("float32")
+    if faults:
+        raise ManifestError(
+            f"EHR table {path}: {len(faults)} problem(s):\n  - " + "\n  - ".join(faults)
+        )
     dup = df.duplicated(keys, keep=False).to_numpy()
     if dup.any():
         rows = np.flatnonzero(dup)[:10].tolist()

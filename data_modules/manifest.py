@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from data_modules.cell_values import parse_column
 from data_modules.roi import ROI_SPACE_COLUMN, row_spaces, undeclared_message
 
 REQUIRED_COLUMNS = ("patient_id", "scan_id", "image")
@@ -199,18 +200,20 @@ def validate_manifest(
     else:
         df["label"] = np.float32("nan")
 
-    for col in ehr_cols:
-        raw = df[col]
-        values = pd.to_numeric(raw, errors="coerce")
-        text = raw.astype(str).str.strip()
-        not_numeric = (
-            values.isna() & raw.notna() & (text != "") & (text.str.lower() != "nan")
-        ).to_numpy()
-        flag(not_numeric, lambda i, col=col, raw=raw: f"EHR column {col!r} holds {raw.iloc[i]!r}, "
-             "which is not a number; leave it empty for a missing value")  # fmt: skip
-        infinite = np.isinf(values.to_numpy(dtype="float64", na_value=np.nan))
-        flag(infinite, lambda i, col=col: f"EHR column {col!r} is infinite")
-        df[col] = values.astype("float32")
+    for col in [*ehr_cols, *(["scan_time"] if "scan_time" in df.columns else [])]:
+        # numbers, ISO dates (-> days), categories (text), missing tokens: cell_values
+        is_time = col == "scan_time"
+        parsed = parse_column(df[col], "scan_time" if is_time else f"EHR column {col!r}",
+                              categorical=not is_time)  # fmt: skip
+        for message in parsed.column_faults:  # every bad column, each once
+            table_fault(f"manifest {source}: {message}")
+        if parsed.row_faults:
+            faults = parsed.row_faults
+            flag(np.isin(np.arange(len(df)), list(faults)), lambda i, f=faults: f[i])
+        if parsed.kind == "categorical":
+            df[col] = parsed.values.to_numpy()
+        else:
+            df[col] = parsed.values.to_numpy().astype("float64" if is_time else "float32")
 
     roi_present = [c for c in ROI_COLUMNS if c in df.columns]
     if roi_present and len(roi_present) < 3:
@@ -220,7 +223,7 @@ def validate_manifest(
         )
         df = df.drop(columns=roi_present)
         roi_present = []
-    for col in [*roi_present, *(["scan_time"] if "scan_time" in df.columns else [])]:
+    for col in roi_present:
         raw = df[col]
         values = pd.to_numeric(raw, errors="coerce")
         text = raw.astype(str).str.strip()

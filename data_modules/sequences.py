@@ -35,6 +35,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from data_modules.cell_values import time_values
 from data_modules.dataset import BatchCollator, CTEHRDataset
 from data_modules.manifest import ManifestError, RowProblems
 
@@ -44,8 +45,8 @@ LABEL_RULE = "in sequence mode the label belongs to the patient's latest scan"
 
 
 def _times(column: pd.Series) -> np.ndarray:
-    """``scan_time`` as float64 (NaN where missing or not a number)."""
-    return pd.to_numeric(column, errors="coerce").to_numpy(dtype="float64", na_value=np.nan)
+    """``scan_time`` as float64 days (NaN where missing or not usable)."""
+    return time_values(column)  # numbers (days) or ISO dates (days since 1970-01-01)
 
 
 def require_scan_times(df: pd.DataFrame, source: str, on_bad_sample: str) -> None:

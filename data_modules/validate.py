@@ -23,8 +23,10 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 from tqdm.auto import tqdm
 
+from data_modules.cell_values import DAY_ORIGIN, parse_column
 from data_modules.dicom import geometry as dicom_geometry
 from data_modules.ehr_table import (
     KEYS,
@@ -106,6 +108,7 @@ class Report:
             "ehr_features",
             "ehr_rows_matched",
             "rois_checked",
+            "ehr_read_as",
         ):
             if key in s:
                 lines.append(f"- {key}: {s[key]}")
@@ -196,12 +199,14 @@ def check_archive(
         return report
     report.n_rows = len(df)
     names: list[str] = []
+    ehr_failed = False  # then "no EHR feature column" would be a knock-on, not the cause
     try:
         names = ehr_columns(list(df.columns), None if ehr_table else ehr_cols)
         if ehr_table is not None:
             df, names = _join_ehr_table(report, df, str(manifest), ehr_table, ehr_join, ehr_cols)
     except ManifestError as err:  # the EHR table is unusable; the manifest is still checked
         report.problems.append(str(err))
+        ehr_failed = True
     problems = RowProblems()
     table_problems: list[str] = []
     df["_row"] = np.arange(len(df))  # the user's row numbers, kept through dropped rows
@@ -222,7 +227,10 @@ def check_archive(
     )
     if "split" in clean.columns:
         report.counts["splits"] = clean["split"].value_counts().to_dict()
-    if not names:
+    kinds = read_as(df, clean, names)
+    if kinds:
+        report.counts["ehr_read_as"] = kinds
+    if not names and not ehr_failed:
         report.problems.append(
             f"manifest {manifest} has no EHR feature column (ehr_* or --ehr TABLE); "
             "CTEHRDataModule needs at least one"
@@ -259,6 +267,24 @@ def check_archive(
                 (report.problems if space_wrong else report.warnings).append(f"{row}: {message}")
     report.counts["images_checked"] = len(report.images)
     return report
+
+
+def read_as(raw: pd.DataFrame, clean: pd.DataFrame, names: list[str]) -> dict[str, Any]:
+    """The EHR columns that are not plain numbers: dates (as days) and categories (with the
+    values seen; training fits its own on the train split), so the user sees how each
+    column will be read before training."""
+    out: dict[str, Any] = {}
+    dates = [n for n in names if n in raw and parse_column(raw[n], n).kind == "date"]
+    if dates:
+        out[f"dates (days since {DAY_ORIGIN.date()})"] = dates
+    cats = {
+        n: sorted(clean[n].dropna().unique().tolist())[:20]
+        for n in names
+        if n in clean and not pd.api.types.is_numeric_dtype(clean[n])
+    }
+    if cats:
+        out["categorical (codes fitted on train)"] = cats
+    return out
 
 
 def row_rois(clean) -> list[tuple[tuple[float, ...], str] | None]:

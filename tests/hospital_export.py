@@ -235,3 +235,23 @@ def write_dicomdir(folder: Path) -> Path:
     ds.save_as(folder / "DICOMDIR", enforce_file_format=True)
     (folder / "README.TXT").write_text("exported by PACS\n")
     return folder / "DICOMDIR"
+
+
+def ehr_extract(scan_ids: list[str], patient_ids: list[str], seed: int = 0) -> dict:
+    """Manifest and EHR-table columns as a hospital extract writes them: ISO dates for
+    ``scan_time`` (some with a time of day), sex as ``M``/``F``, smoking as text with odd
+    case and spaces, ``NA``/``unknown`` for missing, a date-of-diagnosis column."""
+    rng = np.random.default_rng(seed)
+    n = len(scan_ids)
+    days = rng.integers(0, 900, n)
+    dates = [
+        (np.datetime64("2019-01-01") + int(d)).astype(str) + ("T09:30" if i % 3 == 0 else "")
+        for i, d in enumerate(days)
+    ]
+    return {
+        "scan_time": dates,
+        "ehr_sex": [["M", "F", " f"][i % 3] for i in range(n)],
+        "ehr_smoking": [["current", "Former", "never ", "NA", "unknown"][i % 5] for i in range(n)],
+        "ehr_age": [float(40 + i) for i in range(n)],
+        "ehr_dx_date": [str(np.datetime64("2015-06-01") + int(d)) for d in days],
+    }

@@ -71,7 +71,10 @@ def test_raise_names_file_and_row_from_a_worker(tmp_path):
             {"roi_x": [1.0] * 5 + [np.nan], "roi_y": 0.0, "roi_z": 0.0},
             r"row 5 .*only some of roi_x",
         ),
-        ({"scan_time": [0] * 5 + ["yesterday"]}, r"row 5 .*scan_time 'yesterday'"),
+        (
+            {"scan_time": [0] * 5 + ["yesterday"]},
+            r"row 5 .*scan_time holds 'yesterday', which is not a number .* or an ISO date",
+        ),
     ],
 )
 def test_roi_and_scan_time_columns_are_checked(tmp_path, change, message):

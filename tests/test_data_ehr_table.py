@@ -67,7 +67,9 @@ def test_nearest_earlier_record_per_patient(archive, tmp_path):
 def test_bad_ehr_tables_are_named(archive, tmp_path):
     bad = pd.DataFrame({"scan_id": ["s0", "s1"], "crp": ["1.0", "high"]})
     bad.to_csv(tmp_path / "bad.csv", index=False)
-    with pytest.raises(ManifestError, match=r"bad\.csv: row 1 column 'crp' holds 'high'"):
+    with pytest.raises(
+        ManifestError, match=r"bad\.csv: 1 problem\(s\):\n  - row 1: column 'crp' holds 'high'"
+    ):
         _dm(archive, tmp_path / "bad.csv", "scan_id").setup("fit")
     dup = pd.DataFrame({"scan_id": ["s0", "s0"], "crp": [1.0, 2.0]})
     dup.to_csv(tmp_path / "dup.csv", index=False)

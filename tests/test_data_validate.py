@@ -84,9 +84,12 @@ def test_missing_manifest_and_ehr_table(tmp_path, capsys):
     assert main([str(tmp_path / "nope.csv"), "--no-progress"]) == 1
     assert "nope.csv does not exist" in capsys.readouterr().out
     manifest = write_manifest(tmp_path, _archive(tmp_path, n=2))
-    pd.DataFrame({"scan_id": ["s0"], "crp": ["x"]}).to_csv(tmp_path / "e.csv", index=False)
+    # (text alone is a categorical column since issue 24; a unit suffix is refused)
+    pd.DataFrame({"scan_id": ["s0"], "crp": ["3 mg/L"]}).to_csv(tmp_path / "e.csv", index=False)
     assert main([str(manifest), "--ehr", str(tmp_path / "e.csv"), "--no-progress"]) == 1
-    assert "row 0 column 'crp' holds 'x'" in capsys.readouterr().out
+    assert (
+        "column 'crp' holds 1 number(s) with a unit (row(s) 0: '3 mg/L')" in capsys.readouterr().out
+    )
     pd.DataFrame({"scan_id": ["s0"], "crp": [2.0]}).to_csv(tmp_path / "e.csv", index=False)
     assert main([str(manifest), "--ehr", str(tmp_path / "e.csv"), "--no-progress"]) == 0
     assert "50.0% of scans have an EHR record" in capsys.readouterr().out
