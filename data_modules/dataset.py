@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from data_modules.cache import AtomicPersistentDataset
-from data_modules.manifest import ROI_COLUMNS
+from data_modules.manifest import ROI_COLUMNS, SERIES_COLUMN
 from data_modules.readers import BadSampleError, as_bad_sample
 from data_modules.roi import ROI_SPACE_COLUMN
 from data_modules.streaming import StreamingLoader
@@ -35,15 +35,16 @@ def volume_items(table: pd.DataFrame) -> list[dict[str, Any]]:
     rois = table[list(ROI_COLUMNS)].to_numpy(dtype=float) if has_roi else [None] * len(table)
     spaces = table[ROI_SPACE_COLUMN] if ROI_SPACE_COLUMN in table.columns else None
     spaces = spaces.tolist() if spaces is not None else [None] * len(table)
+    series = table[SERIES_COLUMN].tolist() if SERIES_COLUMN in table else [None] * len(table)
     return [
-        volume_item(p, r, s or "ras_mm")  # validate_manifest refused ROIs without a space
-        for p, r, s in zip(table["image_path"], rois, spaces, strict=True)
+        volume_item(p, r, s or "ras_mm", u)  # validate_manifest refused ROIs without a space
+        for p, r, s, u in zip(table["image_path"], rois, spaces, series, strict=True)
     ]
 
 
 def cache_key(item: dict[str, Any]) -> tuple:
     """The in-RAM cache key: one entry per (file, ROI), so two nodules of a scan differ."""
-    return (item["image"], item["roi"], item.get("roi_space"))
+    return (item["image"], item["roi"], item.get("roi_space"), item.get("series_uid"))
 
 
 def read_volume(

@@ -30,7 +30,10 @@ from typing import Any
 
 import numpy as np
 
+from data_modules.dicom_series import choice_note, choose_series, is_image, split_files
+
 MIN_SLICES = 3
+BIT_TAGS = ("BitsAllocated", "BitsStored", "PixelRepresentation")
 MIN_STEP_MM, MAX_STEP_MM = 0.1, 20.0
 MAX_TILT_DEG = 0.5
 ORIENTATION_TOL = 1e-3
@@ -65,6 +68,8 @@ class SliceInfo:
     pixel_spacing: tuple[float, float]  # (between rows, between columns), mm
     slope: float = 1.0
     intercept: float = 0.0
+    matrix: tuple[int, int] | None = None  # (Rows, Columns)
+    bits: tuple[int, int, int] | None = None  # (BitsAllocated, BitsStored, PixelRepresentation)
 
 
 @dataclass
@@ -76,12 +81,13 @@ class VolumeHeaders:
     first: Any  # the first header (pydicom Dataset)
     slices: list[SliceInfo]
     multiframe: bool
+    note: str = ""  # which series was picked, which files were ignored (validate shows it)
+    ignored: int = 0  # files that are not images (DICOMDIR, reports, non-DICOM)
 
 
 def dicom_files(folder: Path) -> list[Path]:
-    import pydicom
-
-    return [f for f in sorted(folder.iterdir()) if f.is_file() and pydicom.misc.is_dicom(f)]
+    """The DICOM files of ``folder`` (see :func:`~data_modules.dicom_series.split_files`)."""
+    return split_files(folder)[0]
 
 
 def _floats(value: Any, n: int, what: str) -> np.ndarray:
@@ -104,6 +110,8 @@ def _slice_of(ds: Any, name: str) -> SliceInfo:
         pixel_spacing=tuple(_floats(ds.PixelSpacing, 2, f"{name}: PixelSpacing")),
         slope=float(ds.get("RescaleSlope", 1.0) or 1.0),
         intercept=float(ds.get("RescaleIntercept", 0.0) or 0.0),
+        matrix=(int(ds.Rows), int(ds.Columns)) if "Rows" in ds and "Columns" in ds else None,
+        bits=tuple(int(ds.get(k, 0) or 0) for k in BIT_TAGS) if "BitsAllocated" in ds else None,
     )
 
 
@@ -156,18 +164,18 @@ class _Mapping(dict):
         return self[key]
 
 
-def volume_headers(path: Path) -> VolumeHeaders:
+def volume_headers(path: Path, series_uid: str | None = None) -> VolumeHeaders:
     """Headers (no pixels) of the DICOM volume at ``path``: a folder with one series or one
-    Enhanced CT file, or such a file itself. Raises :class:`NotOneVolume` with the reason."""
+    Enhanced CT file, or such a file itself. A folder with several series gives the one
+    ``series_uid`` names or the thinnest axial one; files that are not images are ignored
+    and counted (:mod:`data_modules.dicom_series`). Raises :class:`NotOneVolume` with the
+    reason."""
     import pydicom
 
-    files = dicom_files(path) if path.is_dir() else [path]
-    if not files:
-        raise NotOneVolume(
-            "is a folder without DICOM files (an empty or non-DICOM series): point the "
-            "manifest's 'image' at a NIfTI file or a folder holding one DICOM series"
-        )
-    heads, series = [], {}
+    files, not_dicom = split_files(path) if path.is_dir() else ([path], [])
+    groups: dict[str, list[Any]] = {}
+    paths: dict[str, list[Path]] = {}
+    ignored = list(not_dicom)
     for f in files:
         try:
             ds = pydicom.dcmread(f, stop_before_pixels=True)
@@ -175,18 +183,29 @@ def volume_headers(path: Path) -> VolumeHeaders:
             raise NotOneVolume(
                 f"holds DICOM file {f.name}, which could not be read ({err})"
             ) from err
-        heads.append(ds)
-        series.setdefault(str(ds.get("SeriesInstanceUID", "?")), []).append(f.name)
-    if len(series) > 1:
-        detail = ", ".join(f"{uid} ({len(v)} files, e.g. {v[0]})" for uid, v in series.items())
+        if not is_image(ds):
+            ignored.append(f.name)
+            continue
+        uid = str(ds.get("SeriesInstanceUID", "?"))
+        groups.setdefault(uid, []).append(ds)
+        paths.setdefault(uid, []).append(f)
+    if not groups:
         raise NotOneVolume(
-            f"mixes {len(series)} DICOM series: {detail}; put each series in its own folder "
-            "and give each its own manifest row"
+            "is a folder without DICOM image files (an empty or non-DICOM series"
+            + (f"; {len(ignored)} other file(s) ignored" if ignored else "")
+            + "): point the manifest's 'image' at a NIfTI file or a folder holding a DICOM series"
         )
+    try:
+        chosen, summaries = choose_series(groups, series_uid, MIN_SLICES)
+    except ValueError as err:
+        raise NotOneVolume(str(err)) from None
+    heads, files = groups[chosen], paths[chosen]
+    note = choice_note(path, chosen, summaries, ignored) if path.is_dir() else ""
     first = heads[0]
     frames = int(first.get("NumberOfFrames", 1) or 1)
     if len(files) == 1 and frames > 1:
-        return VolumeHeaders(files, first, enhanced_slices(first, files[0].name), True)
+        slices = enhanced_slices(first, files[0].name)
+        return VolumeHeaders(files, first, slices, True, note, len(ignored))
     if len(files) > 1 and any(int(h.get("NumberOfFrames", 1) or 1) > 1 for h in heads):
         raise NotOneVolume(
             "holds several multi-frame DICOM files; give each Enhanced CT file its own row"
@@ -198,7 +217,7 @@ def volume_headers(path: Path) -> VolumeHeaders:
                 f"has DICOM file {f.name} without InstanceNumber: the slices cannot be ordered"
             )
         slices.append(_slice_of(ds, f"DICOM file {f.name}"))
-    return VolumeHeaders(files, first, slices, False)
+    return VolumeHeaders(files, first, slices, False, note, len(ignored))
 
 
 def _normal(orientation: np.ndarray) -> np.ndarray:
@@ -272,6 +291,7 @@ def check_volume(headers: VolumeHeaders) -> None:
         )
     if len(orientations) == 1 and len(slices) >= 2:
         reasons += _geometry_reasons(slices, what)
+    reasons += _pixel_format_reasons(headers, what)
     thickness = {round(s.thickness, 3) for s in slices if s.thickness is not None}
     if len(thickness) > 1:
         reasons.append(
@@ -284,6 +304,40 @@ def check_volume(headers: VolumeHeaders) -> None:
         reasons.append(str(err))
     if reasons:
         raise NotOneVolume("is not one CT volume: " + "; ".join(reasons))
+
+
+def _pixel_format_reasons(headers: VolumeHeaders, what: str) -> list[str]:
+    """Slices that differ in matrix size, pixel spacing or bit depth cannot be stacked into
+    one array (MONAI's reader would fail, or mix scales, only when the volume is loaded)."""
+    reasons = []
+    checks = (
+        ("matrix sizes (Rows x Columns)", lambda s: s.matrix, "x"),
+        ("PixelSpacing values (mm)", lambda s: tuple(round(v, 4) for v in s.pixel_spacing), "x"),
+        ("bit depths (BitsAllocated/BitsStored/PixelRepresentation)", lambda s: s.bits, "/"),
+    )
+    for label, key, sep in checks:
+        values: dict[Any, list[int]] = {}
+        for i, s in enumerate(headers.slices):
+            if key(s) is not None:
+                values.setdefault(key(s), []).append(i)
+        if len(values) > 1:  # the usual value first, then the odd ones with an example
+            ranked = sorted(values.items(), key=lambda kv: -len(kv[1]))
+            shown = ", ".join(
+                f"{sep.join(str(v) for v in value)} ({len(idx)} {what if len(idx) > 1 else what[:-1]}"
+                + (f", {_slice_name(headers, idx[0])})" if rank else ")")
+                for rank, (value, idx) in enumerate(ranked)
+            )
+            reasons.append(
+                f"its {what} have different {label}: {shown}; not one volume: re-export the "
+                "series (or remove the odd slices)"
+            )
+    return reasons
+
+
+def _slice_name(headers: VolumeHeaders, i: int) -> str:
+    if headers.multiframe:
+        return f"frame {i + 1}"
+    return f"e.g. {headers.files[i].name}"
 
 
 def _geometry_reasons(slices: list[SliceInfo], what: str) -> list[str]:

@@ -25,6 +25,7 @@ REQUIRED_COLUMNS = ("patient_id", "scan_id", "image")
 SPLITS = ("train", "val", "test")
 EHR_PREFIX = "ehr_"
 ROI_COLUMNS = ("roi_x", "roi_y", "roi_z")
+SERIES_COLUMN = "series_uid"  # optional: which DICOM series of a folder (data_modules.dicom_series)
 
 
 class ManifestError(ValueError):
@@ -58,7 +59,9 @@ def read_table(path: str | Path) -> pd.DataFrame:
         if suffix.endswith(".parquet") or suffix.endswith(".pq"):
             df = pd.read_parquet(path)
         elif suffix.endswith(".csv") or suffix.endswith(".csv.gz"):
-            df = pd.read_csv(path, dtype={"patient_id": str, "scan_id": str, "image": str})
+            df = pd.read_csv(
+                path, dtype={"patient_id": str, "scan_id": str, "image": str, "series_uid": str}
+            )
         else:
             raise ManifestError(f"manifest {path}: unknown format {suffix!r}; use .parquet or .csv")
     except ManifestError:
@@ -252,6 +255,9 @@ def validate_manifest(
         flag(unknown, lambda i: f"split {df['split'].iloc[i]!r} is not one of {SPLITS}")
         df["split"] = split
 
+    if SERIES_COLUMN in df.columns:  # a UID is text; empty = the folder's default choice
+        uids = normalise_key(df[SERIES_COLUMN])
+        df[SERIES_COLUMN] = uids.where(uids.notna() & (uids != ""), None)
     if "cohort" not in df.columns:
         df["cohort"] = "all"
     df["cohort"] = df["cohort"].fillna("all").astype(str)

@@ -11,7 +11,6 @@ Kept apart from :mod:`data_modules.transforms` (what is done to a volume once re
 from __future__ import annotations
 
 import hashlib
-import logging
 import warnings
 from collections.abc import Hashable, Mapping
 from pathlib import Path
@@ -20,8 +19,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
-from monai.data import ImageReader, MetaTensor
-from monai.transforms import EnsureChannelFirst, LoadImage, MapTransform, Orientation
+from monai.data import MetaTensor
+from monai.transforms import EnsureChannelFirst, MapTransform, Orientation
 
 from data_modules.dicom import (
     NotOneVolume,
@@ -70,12 +69,13 @@ def file_stamp(path: str | Path) -> str:
         return "missing"
 
 
-def dicom_volume(path: Path) -> VolumeHeaders:
+def dicom_volume(path: Path, series_uid: str | None = None) -> VolumeHeaders:
     """The checked headers of the DICOM volume at ``path`` (a series folder or an Enhanced CT
-    file): every reason it is not one CT volume raises a :class:`BadSampleError` naming
-    ``path`` (see :mod:`data_modules.dicom`)."""
+    file; in a folder of several series the one ``series_uid`` names, else the thinnest
+    axial one): every reason it is not one CT volume raises a :class:`BadSampleError`
+    naming ``path`` (see :mod:`data_modules.dicom`)."""
     try:
-        headers = volume_headers(path)
+        headers = volume_headers(path, series_uid)
         check_volume(headers)
     except NotOneVolume as err:
         raise BadSampleError(f"image {path} {err}") from err
@@ -94,32 +94,19 @@ def is_dicom_path(path: Path) -> bool:
     return bool(pydicom.misc.is_dicom(path))
 
 
-def _load_image(reader: str | ImageReader) -> LoadImage:
-    """MONAI ``LoadImage`` with ``reader`` first. Building it registers every installed reader
-    as a fallback, and the GPU DICOM decoder plugin warns (log + warning) when its optional
-    CUDA codec is absent: noise on every CPU machine, silenced here only."""
-    plugin_log = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
-    level = plugin_log.level
-    plugin_log.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
-            return LoadImage(reader=reader, image_only=True)
-    finally:
-        plugin_log.setLevel(level)
-
-
 class LoadCTd(MapTransform):
-    """MONAI ``LoadImage`` for ``image`` (NIfTI file or DICOM-series folder), channel first,
+    """Reads ``image`` (NIfTI file or DICOM-series folder) into a channel-first MetaTensor
     with the checks of the data contract: file present and readable, 3-D, finite voxels.
 
-    A DICOM folder must hold one CT series (checked from the headers first, see
+    A DICOM folder's series is checked from the headers first (see
     :mod:`data_modules.dicom`: modality, localizers, orientation, slice count, spacing,
-    gantry tilt, decoders); MONAI's ``PydicomReader`` applies rescale slope/intercept, orders
-    slices by InstanceNumber and builds the affine from the first and last
-    ImagePositionPatient, so the checks include that InstanceNumber order is the spatial
-    order. An Enhanced CT file (multi-frame), or a folder holding only one, is read by
-    :func:`~data_modules.dicom.read_enhanced_ct` into the same layout.
+    gantry tilt, matrix size and bit depth, decoders) and, in a folder of several, chosen
+    (:mod:`data_modules.dicom_series`); its files are decoded with pydicom in InstanceNumber
+    order, rescale slope/intercept applied per slice, the affine from the first and last
+    ImagePositionPatient — what MONAI's ``PydicomReader`` does for a one-series folder, which
+    it cannot do for one series of several (so the checks include that InstanceNumber order
+    is the spatial order). An Enhanced CT file (multi-frame), or a folder holding only one,
+    is read by :func:`~data_modules.dicom.read_enhanced_ct` into the same layout.
     """
 
     def __init__(self, keys: str = "image", axcodes: str | None = "RAS"):
@@ -131,18 +118,11 @@ class LoadCTd(MapTransform):
         self.canonical = axcodes == "RAS"
         self.orient = Orientation(axcodes, labels=RAS_LABELS) if axcodes else None
         self.nifti_orient = None if self.canonical else self.orient
-        self._dicom: LoadImage | None = None  # built on first use
-
-    @property
-    def dicom(self) -> LoadImage:
-        if self._dicom is None:
-            self._dicom = _load_image("PydicomReader")
-        return self._dicom
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key] = self.load(Path(d[key]))
+            d[key] = self.load(Path(d[key]), d.get("series_uid"))
         return d
 
     def read_nifti(self, path: str) -> MetaTensor:
@@ -163,20 +143,36 @@ class LoadCTd(MapTransform):
             torch.from_numpy(vol), affine=torch.as_tensor(affine, dtype=torch.float64)
         )
 
-    def load(self, path: Path) -> torch.Tensor:
+    def read_series(self, path: Path, headers: VolumeHeaders) -> MetaTensor:
+        """The chosen series' files only (a folder may hold others, and DICOMDIR), decoded
+        slice by slice with pydicom in InstanceNumber order, per-slice rescale applied:
+        the array and affine MONAI's ``PydicomReader`` builds for a one-series folder."""
+        from data_modules.stored_volume import DicomSeriesVolume
+
+        vol = DicomSeriesVolume(path, headers)
+        data = vol.read_box(np.zeros(3, int), np.asarray(vol.shape))
+        return MetaTensor(
+            torch.from_numpy(data), affine=torch.as_tensor(vol.affine, dtype=torch.float64)
+        )
+
+    def load(self, path: Path, series_uid: str | None = None) -> torch.Tensor:
         if not path.exists():
             raise BadSampleError(f"image {path} does not exist: fix the manifest's 'image' entry")
         if is_dicom_path(path):
-            headers = dicom_volume(path)  # every geometry/modality/decoder check, headers only
+            # every geometry/modality/decoder check, headers only; picks the series
+            headers = dicom_volume(path, series_uid)
+            kind, orient = "a DICOM series", self.orient
             if headers.multiframe:
-                kind, orient = "an Enhanced CT file", self.orient
+                kind = "an Enhanced CT file"
                 target = headers.files[0]
 
                 def loader(_: str) -> MetaTensor:
                     return self.read_enhanced(target, headers)
 
             else:
-                loader, kind, orient = self.dicom, "a DICOM series", self.orient
+
+                def loader(_: str) -> MetaTensor:
+                    return self.read_series(path, headers)
         else:
             loader, kind, orient = self.read_nifti, "NIfTI", self.nifti_orient
         try:

@@ -131,7 +131,7 @@ class ReadROICropd(MapTransform):
         return (grid_shape - 1) / 2.0
 
     def crop(self, path: Path, d: Mapping[Hashable, Any]) -> MetaTensor:
-        vol = open_volume(path)
+        vol = open_volume(path, d.get("series_uid"))
         if not np.isfinite(vol.affine).all() or abs(np.linalg.det(vol.affine[:3, :3])) < 1e-12:
             raise BadSampleError(
                 f"image {path} has a singular or non-finite affine; fix its header"

@@ -180,12 +180,14 @@ class EnhancedCTVolume(StoredVolume):
         return self.vol > threshold_hu
 
 
-def open_volume(path: Path) -> StoredVolume:
-    """The stored volume at ``path``; every failure a :class:`BadSampleError` naming it."""
+def open_volume(path: Path, series_uid: str | None = None) -> StoredVolume:
+    """The stored volume at ``path`` (in a folder of several DICOM series, the one
+    ``series_uid`` names, else the thinnest axial one); every failure a
+    :class:`BadSampleError` naming it."""
     if not path.exists():
         raise BadSampleError(f"image {path} does not exist: fix the manifest's 'image' entry")
     if is_dicom_path(path):
-        headers = dicom_volume(path)  # every header check, no pixels
+        headers = dicom_volume(path, series_uid)  # every header check, no pixels
         if headers.multiframe:
             return EnhancedCTVolume(path, headers)
         return DicomSeriesVolume(path, headers)

@@ -305,12 +305,16 @@ def pipeline_key(
 
 
 def volume_item(
-    path: str | Path, roi: Sequence[float] | None = None, roi_space: str = "ras_mm"
+    path: str | Path,
+    roi: Sequence[float] | None = None,
+    roi_space: str = "ras_mm",
+    series_uid: str | None = None,
 ) -> dict[str, Any]:
     """The dict the chain reads: the file, its ROI (or None) in ``roi_space`` (see
     :mod:`data_modules.roi`; LPS is turned into RAS here, voxel indices once the file's
-    affine is read) and its content stamp (for the cache key: a re-exported file gets a
-    new cache entry)."""
+    affine is read), the DICOM series to read from a folder of several (None: the
+    thinnest axial, :mod:`data_modules.dicom_series`) and its content stamp (for the cache
+    key: a re-exported file gets a new cache entry)."""
     roi_t, space = None, "ras_mm"
     if roi is not None and np.all(np.isfinite(np.asarray(roi, dtype=float))):
         space = check_declared(roi_space, str(path)) or "ras_mm"
@@ -322,6 +326,7 @@ def volume_item(
         "source": str(path),
         "roi": roi_t,
         "roi_space": space,
+        "series_uid": series_uid,
         "stamp": file_stamp(path),
     }
 

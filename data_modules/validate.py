@@ -37,6 +37,7 @@ from data_modules.ehr_table import (
 )
 from data_modules.manifest import (
     ROI_COLUMNS,
+    SERIES_COLUMN,
     ManifestError,
     RowProblems,
     ehr_columns,
@@ -55,6 +56,8 @@ class ImageInfo:
     spacing: tuple[float, ...] | None = None
     orientation: str | None = None
     problem: str | None = None
+    note: str = ""  # DICOM: the series picked in a folder of several, files ignored
+    ignored: int = 0  # DICOM: files that are not images (DICOMDIR, reports, non-DICOM)
 
 
 @dataclass
@@ -64,6 +67,7 @@ class Report:
     counts: dict[str, Any] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # how something was read: no action needed
     images: dict[str, ImageInfo] = field(default_factory=dict)
 
     @property
@@ -80,6 +84,7 @@ class Report:
             "n_problems": len(self.problems),
             "problems": self.problems,
             "warnings": self.warnings,
+            "notes": self.notes,
         }
         if good:
             sp = np.array([i.spacing for i in good], dtype=float)
@@ -109,6 +114,7 @@ class Report:
             "ehr_rows_matched",
             "rois_checked",
             "ehr_read_as",
+            "dicom_non_image_files_ignored",
         ):
             if key in s:
                 lines.append(f"- {key}: {s[key]}")
@@ -122,6 +128,11 @@ class Report:
                     f"{sz['min']} | {sz['median']:.0f} | {sz['max']} |"
                 )
             lines.append(f"\norientation (axis codes): {s['orientation']}")
+        if self.notes:
+            lines += ["", f"## {len(self.notes)} note(s)", ""]
+            lines += [f"- {n}" for n in self.notes[:50]]
+            if len(self.notes) > 50:
+                lines.append(f"- ... and {len(self.notes) - 50} more (see --json)")
         if self.warnings:
             lines += ["", f"## {len(self.warnings)} warning(s)", ""]
             lines += [f"- {w}" for w in self.warnings[:200]]
@@ -165,16 +176,19 @@ def nifti_header_info(path: Path) -> ImageInfo:
     return ImageInfo(shape=shape, spacing=zooms, orientation="".join(nib.aff2axcodes(img.affine)))
 
 
-def dicom_header_info(path: Path) -> ImageInfo:
+def dicom_header_info(path: Path, series_uid: str | None = None) -> ImageInfo:
     """Shape, spacing, orientation of a DICOM series folder or Enhanced CT file, after every
     header-only check of :mod:`data_modules.dicom` (modality, localizer, orientation, slice
-    count and spacing, gantry tilt, a missing decoder for its compression)."""
+    count and spacing, gantry tilt, matrix size / pixel spacing / bit depth of every slice,
+    a missing decoder for its compression), with the series chosen in a folder of several
+    and the non-image files ignored (``note``, ``ignored``)."""
     try:
-        headers = dicom_volume(path)
+        headers = dicom_volume(path, series_uid)
     except BadSampleError as err:
         return ImageInfo(problem=str(err))
     shape, spacing, affine = dicom_geometry(headers)
-    return ImageInfo(shape=shape, spacing=spacing, orientation="".join(nib.aff2axcodes(affine)))
+    orientation = "".join(nib.aff2axcodes(affine))
+    return ImageInfo(shape, spacing, orientation, note=headers.note, ignored=headers.ignored)
 
 
 def check_archive(
@@ -239,28 +253,36 @@ def check_archive(
     loader = LoadCTd("image") if decode else None
     paths = clean["image_path"].tolist()
     rois = row_rois(clean)
+    series = clean[SERIES_COLUMN].tolist() if SERIES_COLUMN in clean else [None] * len(clean)
     decoded: tuple[str, Any] | None = None  # the last decoded volume (rows of a scan)
     for i, path in enumerate(tqdm(paths, desc="checking images", disable=not progress)):
         p = Path(path)
         row = f"row {int(clean['_row'].iloc[i])} (scan_id={clean['scan_id'].iloc[i]!r})"
-        if path in report.images:
-            info = report.images[path]
+        key = f"{path}::{series[i]}" if series[i] else path  # a folder's series each
+        if key in report.images:
+            info = report.images[key]
         elif not p.exists():
             info = ImageInfo(problem=f"image {p} does not exist: fix the manifest's 'image' entry")
         elif is_dicom_path(p):
-            info = dicom_header_info(p)
+            info = dicom_header_info(p, series[i])
+            if info.note:
+                report.notes.append(f"{row}: {info.note}")
+            if info.ignored:
+                report.counts["dicom_non_image_files_ignored"] = (
+                    report.counts.get("dicom_non_image_files_ignored", 0) + info.ignored
+                )
         else:
             info = nifti_header_info(p)
-        if info.problem is None and loader is not None and (decoded or ("",))[0] != path:
+        if info.problem is None and loader is not None and (decoded or ("",))[0] != key:
             decoded = None
             try:
-                decoded = (path, loader.load(p))
+                decoded = (key, loader.load(p, series[i]))
             except BadSampleError as err:
                 info = ImageInfo(problem=str(err))
-        report.images[path] = info
+        report.images[key] = info
         if info.problem is not None:
             report.problems.append(f"{row}: {info.problem}")
-        elif decoded is not None and decoded[0] == path and rois[i] is not None:
+        elif decoded is not None and decoded[0] == key and rois[i] is not None:
             report.counts["rois_checked"] = report.counts.get("rois_checked", 0) + 1
             message, space_wrong = check_roi(decoded[1], *rois[i])
             if message is not None:

@@ -68,7 +68,7 @@ def test_series_and_equivalent_nifti_give_the_same_tensor(tmp_path):
 
 def test_empty_folder_is_named(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(BadSampleError, match=r"empty.*without DICOM files"):
+    with pytest.raises(BadSampleError, match=r"empty.*without DICOM image files"):
         LoadCTd().load(tmp_path / "empty")
 
 
@@ -81,10 +81,16 @@ def test_mixed_series_in_one_folder_is_named(tmp_path):
     for src in ("a", "b"):
         for f in (tmp_path / src).iterdir():
             shutil.copy(f, mixed / f"{src}_{f.name}")
+    # issue 24: a folder of several series is the common export; a row picks one (a
+    # series_uid column, or the thinnest axial: here equal, so the first in file order)
+    picked = LoadCTd().load(mixed)
+    assert torch.equal(picked, LoadCTd().load(tmp_path / "a"))
+    assert torch.equal(LoadCTd().load(mixed, "1.2.3.2"), LoadCTd().load(tmp_path / "b"))
     with pytest.raises(
-        BadSampleError, match=r"mixed mixes 2 DICOM series: 1\.2\.3\.1 .*own folder"
-    ):
-        LoadCTd().load(mixed)
+        BadSampleError, match=r"mixed has no series with the manifest's series_uid '9\.9'; it "
+        r"holds 2: 1\.2\.3\.1 \('', 6 files, 2\.5 mm, axial\)"
+    ):  # fmt: skip
+        LoadCTd().load(mixed, "9.9")
 
 
 def test_missing_slice_is_named(tmp_path):

@@ -61,7 +61,7 @@ def test_every_problem_is_listed_with_its_row(tmp_path, capsys):
         "row 1 (scan_id='s1'): image", "1.nii.gz is truncated or corrupt",
         "row 2 (scan_id='s2'): image", "has shape (4, 4, 4, 2); a 3-D CT volume is required",
         "3.nii.gz could not be read as NIfTI",
-        "empty_dicom is a folder without DICOM files",
+        "empty_dicom is a folder without DICOM image files",
         "absent.nii.gz does not exist",
         "row 6 (scan_id='s6'): label 3", "row 7 (scan_id='s7'): EHR column 'ehr_f1' holds 'lots'",
     ]:  # fmt: skip
