@@ -8,8 +8,9 @@ measures, each in a fresh process (so peak RSS is that step's own):
 * ``decode``: reading the whole file into an array, nothing else (nibabel ``get_fdata``
   float32; pydicom every slice's ``pixel_array``, rescaled): the floor the issue's target
   is set against (<= 1.5x of it, <= 1 GB);
-* ``before``: the generic chain (``read="whole"``: MONAI read, ``Orientation``,
-  ``Spacing`` to 1 mm of the whole volume, 96 mm crop, window, resize to 64^3);
+* ``before``: the chain before issue 24 (``read="whole"``: read all — for DICOM MONAI's
+  ``PydicomReader``, as it was — ``Orientation``, ``Spacing`` to 1 mm of the whole volume,
+  96 mm crop, window, resize to 64^3);
 * ``after``: the box read (``read="box"``, :class:`~data_modules.roi_crop.ReadROICropd`).
 
 Peak MB is the process's maximum RSS minus its RSS after the imports (what the step adds).
@@ -49,6 +50,25 @@ def write_inputs(root: Path = ROOT) -> dict:
     return info
 
 
+class MonaiDicomLoad:
+    """The reading step of the chain before issue 24 for a DICOM folder: MONAI's
+    ``LoadImage(PydicomReader)`` of every file, channel first, ``Orientation`` to RAS
+    (``read="whole"`` now decodes with pydicom the chosen series only)."""
+
+    def __call__(self, data: dict) -> dict:
+        import warnings
+
+        from monai.transforms import EnsureChannelFirst, LoadImage, Orientation
+
+        from data_modules.readers import RAS_LABELS
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = LoadImage(reader="PydicomReader", image_only=True)(data["image"])
+        img = EnsureChannelFirst(channel_dim="no_channel")(img).float()
+        return {**data, "image": Orientation("RAS", labels=RAS_LABELS)(img)}
+
+
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -67,6 +87,8 @@ def measure(step: str, fmt: str, info: dict) -> dict:
         chain = ct_pipeline(
             (64, 64, 64), (-1000.0, 400.0), pre, read="whole" if step == "before" else "box"
         )
+    if step == "before" and fmt == "dicom":
+        chain.transforms = (MonaiDicomLoad(), *chain.transforms[1:])
     import nibabel as nib
     import pydicom
 
