@@ -25,6 +25,7 @@ import lightning as L
 import pandas as pd
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch.utils.data import DataLoader
 
 from data_modules.cache import AtomicPersistentDataset, volume_cache_for
@@ -49,11 +50,17 @@ from data_modules.sequences import (
     latest_scans,
     require_scan_times,
 )
+from data_modules.split_summary import format_summary, split_summary, summary_warnings
 from data_modules.splits import split_rows, with_splits
 from data_modules.streaming import ShardedStream
 from data_modules.transforms import CTAugment, CTPreprocess, ct_pipeline, pipeline_key
 
 log = logging.getLogger(__name__)
+
+
+@rank_zero_only
+def _warn_rank_zero(message: str) -> None:
+    log.warning(message)
 
 
 class CTEHRDataModule(L.LightningDataModule):
@@ -216,6 +223,7 @@ class CTEHRDataModule(L.LightningDataModule):
             self._table = self.load_table()
             if self.problems.reasons:
                 log.warning("manifest %s: %s", self.manifest, self.problems.summary())
+            self.report_splits()
         if self.streaming and self.cache_volumes and self._cache is None:
             log.info("streaming: volumes are read per step (cache_volumes is not used)")
         if self.ehr_stats is None:
@@ -242,6 +250,21 @@ class CTEHRDataModule(L.LightningDataModule):
             if self.sequence:  # each scan augmented on its own, its volume cached once
                 ds = SequenceDataset(ds, self.max_scans, latest, self.problems, name)
             self._datasets[name] = ds
+
+    def report_splits(self) -> None:
+        """Print what will be trained and evaluated on (patients, scans, labelled scans,
+        positives per split and cohort) and warn about evaluation splits too small or
+        one-class for a label-based metric (:mod:`~data_modules.split_summary`); rank 0."""
+        summary = split_summary(self._table)
+        unit = "patients as sequences" if self.sequence else "scans"
+        fraction = (
+            f"; label_fraction={self.label_fraction} keeps that share of the training labels"
+            if self.label_fraction < 1
+            else ""
+        )
+        rank_zero_info(f"data {self.manifest} ({unit}{fraction}):\n{format_summary(summary)}")
+        for warning in summary_warnings(summary):
+            _warn_rank_zero(f"manifest {self.manifest}: {warning}")
 
     def rows_for(self, name: str) -> pd.DataFrame:
         """The rows loader ``name`` reads (see :func:`~data_modules.splits.split_rows`; in

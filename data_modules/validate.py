@@ -40,6 +40,7 @@ from data_modules.manifest import (
     SERIES_COLUMN,
     ManifestError,
     RowProblems,
+    assign_patient_splits,
     ehr_columns,
     read_table,
     resolve_image_paths,
@@ -48,6 +49,7 @@ from data_modules.manifest import (
 from data_modules.readers import BadSampleError, LoadCTd, dicom_volume, is_dicom_path
 from data_modules.roi import ROI_SPACE_COLUMN, ROI_SPACE_HINT, ROI_SPACES
 from data_modules.roi_check import check_roi
+from data_modules.split_summary import format_summary, split_summary, summary_warnings
 
 
 @dataclass
@@ -68,6 +70,7 @@ class Report:
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # how something was read: no action needed
+    split_table: str = ""  # the split preview (Markdown)
     images: dict[str, ImageInfo] = field(default_factory=dict)
 
     @property
@@ -85,6 +88,7 @@ class Report:
             "problems": self.problems,
             "warnings": self.warnings,
             "notes": self.notes,
+            "split_table": self.split_table,
         }
         if good:
             sp = np.array([i.spacing for i in good], dtype=float)
@@ -128,6 +132,8 @@ class Report:
                     f"{sz['min']} | {sz['median']:.0f} | {sz['max']} |"
                 )
             lines.append(f"\norientation (axis codes): {s['orientation']}")
+        if self.split_table:
+            lines += ["", "## Splits (what training will print)", "", self.split_table]
         if self.notes:
             lines += ["", f"## {len(self.notes)} note(s)", ""]
             lines += [f"- {n}" for n in self.notes[:50]]
@@ -241,6 +247,7 @@ def check_archive(
     )
     if "split" in clean.columns:
         report.counts["splits"] = clean["split"].value_counts().to_dict()
+    preview_splits(report, clean)
     kinds = read_as(df, clean, names)
     if kinds:
         report.counts["ehr_read_as"] = kinds
@@ -289,6 +296,23 @@ def check_archive(
                 (report.problems if space_wrong else report.warnings).append(f"{row}: {message}")
     report.counts["images_checked"] = len(report.images)
     return report
+
+
+def preview_splits(report: Report, clean: pd.DataFrame) -> None:
+    """The split summary training will print (:mod:`data_modules.split_summary`), and its
+    warnings; without a split column, the splits CTEHRDataModule draws by default."""
+    table = clean
+    if "split" not in clean.columns:
+        table = clean.assign(split=assign_patient_splits(clean, 0.15, 0.15, 0))
+        report.notes.append(
+            "no split column: the preview shows the splits CTEHRDataModule draws by default "
+            "(val_fraction 0.15, test_fraction 0.15, split_seed 0, by patient)"
+        )
+    if table.empty:
+        return
+    summary = split_summary(table)
+    report.split_table = format_summary(summary)
+    report.warnings += summary_warnings(summary)
 
 
 def read_as(raw: pd.DataFrame, clean: pd.DataFrame, names: list[str]) -> dict[str, Any]:
