@@ -68,6 +68,12 @@ def encode_ehr(rows: pd.DataFrame, stats: dict[str, Any], warn: bool = False) ->
     for j, name in enumerate(stats["columns"]):
         column = rows[name]
         if name not in cats:
+            if not pd.api.types.is_numeric_dtype(column) and column.notna().any():
+                raise ValueError(
+                    f"EHR column {name!r} holds text ({column.dropna().iloc[0]!r}) but the "
+                    "statistics it is normalised with have no categories for it (it was a "
+                    "number in training): use the same EHR columns as training"
+                )
             out[:, j] = pd.to_numeric(column, errors="coerce").to_numpy(
                 dtype=np.float64, na_value=np.nan
             )
