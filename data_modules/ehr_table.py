@@ -31,13 +31,14 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from data_modules.cell_values import parse_column
+from data_modules.cell_values import parse_column, time_values
 from data_modules.manifest import ManifestError, normalise_key, read_table, table_columns
 
 log = logging.getLogger(__name__)
 
 EHRJoin = Literal["scan_id", "nearest_before"]
 KEYS = {"scan_id": ("scan_id",), "nearest_before": ("patient_id", "scan_time")}
+WORD = {"date": "dates", "numeric": "numbers", "categorical": "text"}
 LOW_MATCH_WARNING = 0.5  # warn when fewer scans than this share find an EHR record
 
 
@@ -135,6 +136,7 @@ def read_ehr_table(path: str | Path, join: EHRJoin, columns: list[str]) -> pd.Da
                 "row(s)); nearest_before needs a number (days) or an ISO date in every row"
             )
         df["scan_time"] = t
+        df.attrs["scan_time_kind"] = parsed.kind  # dates and numbers must not be joined
     for col in columns:
         parsed = parse_column(df[col], f"column {col!r}")
         faults += parsed.column_faults
@@ -152,7 +154,7 @@ def read_ehr_table(path: str | Path, join: EHRJoin, columns: list[str]) -> pd.Da
     if dup.any():
         rows = np.flatnonzero(dup)[:10].tolist()
         raise ManifestError(
-            f"EHR table {path}: key {tuple(df.loc[rows[0], keys])} appears more than once "
+            f"EHR table {path}: key {tuple(str(v) for v in df.loc[rows[0], keys])} appears more than once "
             f"(rows {rows}); each {' + '.join(keys)} must be unique"
         )
     return df
@@ -190,7 +192,7 @@ def join_ehr(
     if join == "scan_id":
         out = manifest.merge(right, on="scan_id", how="left", validate="many_to_one")
     else:
-        out = _nearest_before(manifest, right, source)
+        out = _nearest_before(manifest, right, source, table.attrs.get("scan_time_kind"))
     found = out.pop("_ehr_row").notna().to_numpy()
     unmatched = manifest.loc[~found, key].dropna().unique().tolist()
     match = JoinMatch(
@@ -217,19 +219,31 @@ def join_ehr(
     return out, match
 
 
-def _nearest_before(manifest: pd.DataFrame, right: pd.DataFrame, source: str) -> pd.DataFrame:
-    """Each scan's patient's latest record at or before its ``scan_time``."""
+def _nearest_before(
+    manifest: pd.DataFrame, right: pd.DataFrame, source: str, table_kind: str | None = None
+) -> pd.DataFrame:
+    """Each scan's patient's latest record at or before its ``scan_time`` (``table_kind``:
+    whether the table's times were dates or numbers; the manifest's must be the same)."""
     if "scan_time" not in manifest.columns:
         raise ManifestError(
             f"ehr_join='nearest_before' needs a scan_time column in the manifest (days) to match "
             f"{source}'s records against"
         )
-    times = pd.to_numeric(manifest["scan_time"], errors="coerce")
+    kind = parse_column(manifest["scan_time"], "scan_time", categorical=False).kind
+    if table_kind is not None and kind != table_kind:
+        raise ManifestError(
+            f"the manifest's scan_time holds {WORD[kind]} and {source}'s holds "
+            f"{WORD[table_kind]}: ISO "
+            "dates become days since 1970-01-01, numbers are days from your own origin, so "
+            "they cannot be compared; write both as dates (YYYY-MM-DD) or both as days"
+        )
+    times = pd.Series(time_values(manifest["scan_time"]), index=manifest.index)
     if times.isna().any():
         i = int(np.flatnonzero(times.isna().to_numpy())[0])
         raise ManifestError(
-            f"manifest row {i} (scan_id={manifest['scan_id'].iloc[i]!r}) has no numeric scan_time; "
-            "ehr_join='nearest_before' needs one per scan"
+            f"manifest row {i} (scan_id={manifest['scan_id'].iloc[i]!r}) has no usable "
+            f"scan_time ({manifest['scan_time'].iloc[i]!r}); ehr_join='nearest_before' needs "
+            "one per scan (days or an ISO date)"
         )
     left = manifest.assign(scan_time=times.astype("float64"), _order=np.arange(len(manifest)))
     right = right.rename(columns={"scan_time": "_ehr_time"}).sort_values("_ehr_time")

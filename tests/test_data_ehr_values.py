@@ -143,3 +143,15 @@ def test_training_refuses_units_naming_the_column(tmp_path):
     manifest = _archive(tmp_path, extra={"ehr_weight": ["72 kg"] * 12})
     with pytest.raises(ManifestError, match=r"'ehr_weight' holds 12 number\(s\) with a unit"):
         CTEHRDataModule(str(manifest), image_size=8).setup("fit")
+
+
+def test_nearest_before_refuses_dates_against_numbers(tmp_path):
+    manifest = _archive(tmp_path)  # scan_time: ISO dates
+    pd.DataFrame({"patient_id": ["p0"], "scan_time": [12.0], "crp": [1.0]}).to_csv(
+        tmp_path / "labs.csv", index=False
+    )
+    dm = CTEHRDataModule(str(manifest), image_size=8, ehr_table=str(tmp_path / "labs.csv"),
+                         ehr_join="nearest_before")  # fmt: skip
+    with pytest.raises(ManifestError, match=r"the manifest's scan_time holds dates and .*labs\.csv"
+                       r"'s holds numbers: .*write both as dates \(YYYY-MM-DD\) or both as days"):  # fmt: skip
+        dm.setup("fit")
