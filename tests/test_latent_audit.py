@@ -43,7 +43,7 @@ def test_a_checkpoint_equal_to_the_random_init_audits_equal(tmp_path, tiny_cohor
     table = run(ckpt, config, seed=0)
     assert list(table.index) == ["random init", "pretrained", "pretrained - random init"]
     assert set(IMAGE_FACTORS) <= set(table.columns)
-    cols = [*IMAGE_FACTORS, "mean_r2", "full_label_auroc", "effective_rank"]
+    cols = [*IMAGE_FACTORS, "mean_r2", "full_label_auroc", "rankme", "centred_rank"]
     assert np.allclose(table.loc["random init", cols].astype(float),
                        table.loc["pretrained", cols].astype(float))  # fmt: skip
     assert np.isfinite(table.loc["pretrained", "mean_r2"])
@@ -58,7 +58,7 @@ def test_other_weights_audit_differently_and_the_table_is_written(tmp_path, tiny
     main(["--ckpt", ckpt, "--config", config, "--out", str(tmp_path / "audit.csv")])
     assert "mean_r2" in capsys.readouterr().out
     table = __import__("pandas").read_csv(tmp_path / "audit.csv", index_col=0)
-    assert table.loc["random init", "effective_rank"] != table.loc["pretrained", "effective_rank"]
+    assert table.loc["random init", "rankme"] != table.loc["pretrained", "rankme"]
     delta = table.loc["pretrained - random init"]
     assert delta["mean_r2_ci_low"] <= delta["mean_r2"] <= delta["mean_r2_ci_high"]
     assert delta["mean_r2"] == pytest.approx(

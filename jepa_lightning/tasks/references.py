@@ -6,7 +6,7 @@ Why offline: the online probe is trained by SGD alongside the encoder, so at ste
 learnt nothing and cannot say what random features are worth. Here a logistic regression
 is fitted on the labelled training scans' pooled features and scored (AUROC) on the
 labelled validation scans; effective rank and feature spread are taken on the validation
-embeddings, as ``val/effective_rank`` and ``val/feature_std`` are.
+embeddings, as ``val/rankme`` and the other collapse measures are.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset, default_collate
 
-from jepa_lightning.collapse import effective_rank, mean_feature_std
+from jepa_lightning.collapse import collapse_measures
 
 
 def _distributed() -> tuple[int, int]:
@@ -90,14 +90,13 @@ def offline_probe_auroc(
 
 
 def encoder_references(encoder: nn.Module, datamodule, device: torch.device) -> dict[str, float]:
-    """``probe_auroc`` (offline, image-only), ``effective_rank`` and ``feature_std`` of the
-    encoder on the data module's train/val splits (set up by the trainer)."""
+    """``probe_auroc`` (offline, image-only) and the collapse measures
+    (:func:`~jepa_lightning.collapse.collapse_measures`: ``rankme``, ``centred_rank``,
+    ``spread_share``, ``feature_std``) of the encoder on the data module's train/val splits
+    (set up by the trainer)."""
     batch = int(getattr(datamodule, "batch_size", 16))
     val_z, val_y = pooled_image_features(encoder, datamodule.dataset("val"), batch, device)
-    out = {
-        "effective_rank": effective_rank(torch.from_numpy(val_z)),
-        "feature_std": mean_feature_std(torch.from_numpy(val_z)),
-    }
+    out = collapse_measures(torch.from_numpy(val_z))
     if np.isnan(val_y).all():
         return out
     train_z, train_y = pooled_image_features(encoder, datamodule.dataset("train"), batch, device)
