@@ -71,3 +71,22 @@ def test_a_real_archive_config_is_refused_by_name(tmp_path):
     config.write_text(yaml.safe_dump({"data": {"class_path": "CTEHRDataModule"}}))
     with pytest.raises(SystemExit, match="latents.parquet"):
         run("unused.ckpt", str(config))
+
+
+def test_pooling_probe_scores_every_pooling_on_validation_scans(tmp_path, tiny_cohort):
+    """The no-training read-out measurement (random-init encoders, validation scans only)."""
+    from jepa_lightning.evaluation.pooling_probe import main as pooling_probe
+
+    data = tmp_path / "data.yaml"
+    data.write_text(yaml.safe_dump({"data": {
+        "class_path": "data_modules.ct_ehr.CTEHRDataModule",
+        "init_args": {"manifest": str(tiny_cohort / "manifest.parquet"), "image_size": 16,
+                      "batch_size": 8, "num_workers": 0},
+    }}))  # fmt: skip
+    table = pooling_probe(
+        ["--data", str(data), "--patch", "8", "--seeds", "0", "--n-resamples", "50"]
+    )
+    assert list(table["pooling"]) == ["mean", "center", "center - mean"]
+    assert table["auroc"].between(-1, 1).all() and (table["ci_low"] <= table["ci_high"]).all()
+    delta = table.set_index("pooling")["auroc"]
+    assert delta["center - mean"] == pytest.approx(delta["center"] - delta["mean"])

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from jepa_lightning.backbones import Backbone, MultimodalEncoder, as_backbone
+from jepa_lightning.backbones.pooling import POOLINGS, PoolingName, pool_tokens
 from jepa_lightning.backbones.presets import PresetName
 from jepa_lightning.backbones.vit3d import compile_blocks
 from jepa_lightning.distributed import all_reduce_sum
@@ -82,6 +83,13 @@ class BaseTask(L.LightningModule):
         decay_fraction: length of the ``wsd`` decay phase as a share of all steps.
         weight_decay_end: when set, the weight decay follows a half cosine from
             ``weight_decay`` to this value over the run (I-JEPA: 0.04 -> 0.4).
+        pooling: how a scan's tokens become the one feature vector that probes, the
+            collapse monitors, finetuning heads and SIGReg read: ``mean`` (every token) or
+            ``center`` (the ``pool_center_size``³ image tokens at the crop centre, where an
+            ROI-centred crop puts the lesion, plus any EHR tokens;
+            :mod:`~jepa_lightning.backbones.pooling`). ``center`` is for ROI-centred crops
+            (a manifest with ``roi_x/y/z``); without an ROI keep ``mean``.
+        pool_center_size: side, in patches, of the central block ``center`` pools.
     """
 
     def __init__(
@@ -99,8 +107,14 @@ class BaseTask(L.LightningModule):
         lr_schedule: Literal["cosine", "wsd"] = "cosine",
         decay_fraction: float = 0.2,
         weight_decay_end: float | None = None,
+        pooling: PoolingName = "mean",
+        pool_center_size: int = 2,
     ):
         super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        if pool_center_size < 1:
+            raise ValueError(f"pool_center_size must be >= 1, got {pool_center_size}")
         if lr_schedule not in ("cosine", "wsd"):
             raise ValueError(f"lr_schedule must be 'cosine' or 'wsd', got {lr_schedule!r}")
         if not 0.0 < decay_fraction <= 1.0:
@@ -122,6 +136,16 @@ class BaseTask(L.LightningModule):
     @property
     def embed_dim(self) -> int:
         return self.backbone.embed_dim
+
+    def pool(self, tokens: torch.Tensor, n_image: int | None = None) -> torch.Tensor:
+        """``[B, N, C] -> [B, C]`` by this task's ``pooling``; ``n_image`` image tokens lead
+        (default: all of them, an image-only sequence)."""
+        n_image = tokens.shape[1] if n_image is None else n_image
+        h = self.hparams
+        return pool_tokens(
+            tokens, n_image, self.encoder.grid, h.get("pooling", "mean"),
+            h.get("pool_center_size", 2),
+        )  # fmt: skip
 
     def build_encoder(self, residual_rescale: bool = False) -> MultimodalEncoder:
         """The shared encoder of this task's backbone and data sizes (every task builds its

@@ -164,7 +164,7 @@ class DiagnosisTask(BaseTask):
             batch["ehr"] if self.uses_ehr else None,
             batch["ehr_missing"] if self.uses_ehr else None,
         )
-        return tokens.mean(1)
+        return self.pool(tokens, self.encoder.num_patches if self.uses_image else 0)
 
     def features(self, batch: dict) -> torch.Tensor:
         """What the head sees, ``[B, C]``: here the scan's :meth:`scan_features` (a subclass

@@ -234,7 +234,7 @@ class MultimodalJEPA(MomentumSSLTask):
         else:
             out["baseline"] = running.unsqueeze(0).expand_as(normed)
         out["targets"] = normed
-        out["pooled_image"] = img.mean(1)
+        out["pooled_image"] = self.pool(img)
         ehr_pooled = ehr.mean(1) if ehr is not None else torch.zeros_like(out["pooled_image"])
         out["pooled_joint"] = torch.cat([out["pooled_image"], ehr_pooled], dim=1)
         return out
@@ -243,7 +243,7 @@ class MultimodalJEPA(MomentumSSLTask):
     def sigreg_parts(self, batch: dict, context: torch.Tensor, n_ctx_img: int) -> list:
         """The per-modality embeddings ``[B_m, C]`` SIGReg regularises (``sigreg_input``)."""
         if self.hparams.sigreg_input == "full":
-            parts = [self.encoder(batch["image"], None, batch["ehr_missing"]).mean(1)]
+            parts = [self.pool(self.encoder(batch["image"], None, batch["ehr_missing"]))]
             if self.hparams.use_ehr:
                 parts.append(self.encoder(None, batch["ehr"], batch["ehr_missing"]).mean(1))
             return parts

@@ -153,7 +153,7 @@ class SSLTask(BaseTask):
         dm = getattr(self.trainer, "datamodule", None)
         if dm is None:
             return
-        values = encoder_references(self.evaluation_encoder(), dm, self.device)
+        values = encoder_references(self.evaluation_encoder(), dm, self.device, pool=self.pool)
         values = {f"{prefix}/{k}": v for k, v in values.items()}
         log.info("%s", ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
         self.reference_values = {**getattr(self, "reference_values", {}), **values}

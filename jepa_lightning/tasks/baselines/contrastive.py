@@ -57,7 +57,7 @@ class ImageEHRContrastive(SSLTask):
         self, batch: dict, generator: torch.Generator | None = None
     ) -> dict[str, torch.Tensor]:
         del generator  # CLIP draws no random views
-        image = self.encoder(batch["image"]).mean(1)
+        image = self.pool(self.encoder(batch["image"]))
         ehr = self.encoder(None, batch["ehr"], batch["ehr_missing"]).mean(1)
         scale = self.logit_scale.exp()
         image_emb, ehr_emb = self.image_proj(image), self.ehr_proj(ehr)

@@ -68,5 +68,5 @@ class MAE(SSLTask):
             pred, patches, masked, self.hparams.norm_pix_loss, reduce_sum=self.loss_reduce_sum()
         )
         with torch.no_grad():  # probe/collapse features: the full volume, as finetuning sees it
-            pooled = self.encoder(image).mean(1)
+            pooled = self.pool(self.encoder(image))
         return {"loss": loss, "pooled": pooled}

@@ -156,10 +156,13 @@ class MSN(MomentumSSLTask):
         h = self.hparams
         reduce = self.loss_reduce_sum()
         with torch.no_grad():
-            pooled = self.target_encoder(batch["image"]).mean(1)
+            target_tokens = self.target_encoder(batch["image"])
+            pooled = self.pool(target_tokens)  # what the probes read
             target_probs = sharpen(
                 prototype_probabilities(
-                    self.target_projector(pooled), self.prototypes.detach(), h.temperature
+                    self.target_projector(target_tokens.mean(1)),
+                    self.prototypes.detach(),
+                    h.temperature,
                 ),
                 h.sharpen_temperature,
             )
