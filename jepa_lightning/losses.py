@@ -7,6 +7,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+#: sums a tensor over DDP ranks, differentiably (``jepa_lightning.distributed.all_reduce_sum``)
+ReduceSum = Callable[[torch.Tensor], torch.Tensor]
+
 
 def layer_norm_targets(hidden: torch.Tensor) -> torch.Tensor:
     """JEPA targets: target-encoder outputs normalised per token over channels, in fp32,
@@ -21,12 +24,14 @@ def latent_regression_loss(
     weight: torch.Tensor | None = None,
     kind: str = "smooth_l1",
     beta: float = 1.0,
+    reduce_sum: ReduceSum | None = None,
 ) -> torch.Tensor:
     """Mean per-element regression loss between predicted and target latents ``[B, T, C]``.
 
     ``weight [B, T]`` (0/1 or soft) removes tokens from the average, e.g. EHR targets whose
     value is missing: predicting the embedding of "missing" teaches nothing. Returns 0
     (with a graph) when nothing is weighted in, so a batch without valid targets is safe.
+    ``reduce_sum`` (see :func:`weighted_mean`) averages over the tokens of every DDP rank.
     """
     pred, target = pred.float(), target.float()
     if kind == "smooth_l1":
@@ -37,34 +42,72 @@ def latent_regression_loss(
         per = (pred - target) ** 2
     else:
         raise ValueError(f"unknown latent loss {kind!r}: use smooth_l1, l1 or l2")
-    per_token = per.mean(-1)
-    if weight is None:
-        return per_token.mean() if per_token.numel() else pred.sum() * 0.0
-    weight = weight.float()
-    total = weight.sum()
-    if total <= 0:
-        return pred.sum() * 0.0
-    return (per_token * weight).sum() / total
+    per_token = per.mean(-1) if per.shape[-1] else per.sum(-1)
+    return weighted_mean(per_token, weight, reduce_sum)
 
 
-def masked_bce_with_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy over the labelled entries only (NaN label = unlabelled)."""
+def weighted_mean(
+    values: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    reduce_sum: ReduceSum | None = None,
+) -> torch.Tensor:
+    """``sum(values * weight) / sum(weight)`` (every entry weighted 1 when ``weight`` is None);
+    0 with a graph when the total weight is 0.
+
+    ``reduce_sum`` sums a tensor over DDP ranks, differentiably
+    (:func:`jepa_lightning.distributed.all_reduce_sum`): numerator and denominator are then
+    the global batch's, so the value is the mean one process would compute on the whole
+    batch, whatever each rank's count (labelled scans, observed values, target tokens).
+    A per-rank mean averaged by DDP would weight a rank's few entries like another's many.
+    Every rank must call it (a rank with nothing to average passes empty tensors).
+    """
+    values = values.float()
+    weight = torch.ones_like(values) if weight is None else weight.float()
+    total = (values * weight).sum()
+    count = weight.sum().detach()
+    if reduce_sum is not None:
+        total, count = reduce_sum(total), reduce_sum(count)
+    if count <= 0:
+        return total * 0.0
+    return total / count
+
+
+def masked_bce_with_logits(
+    logits: torch.Tensor, labels: torch.Tensor, reduce_sum: ReduceSum | None = None
+) -> torch.Tensor:
+    """Binary cross-entropy over the labelled entries only (NaN label = unlabelled), averaged
+    over the labelled scans of every DDP rank when ``reduce_sum`` is given."""
     labelled = ~torch.isnan(labels)
-    if not labelled.any():
-        return logits.sum() * 0.0
-    return F.binary_cross_entropy_with_logits(logits[labelled].float(), labels[labelled].float())
+    per = F.binary_cross_entropy_with_logits(
+        logits.float(), torch.where(labelled, labels, 0.0).float(), reduction="none"
+    )
+    return weighted_mean(per, labelled, reduce_sum) + logits.sum() * 0.0
 
 
-def variance_hinge(z: torch.Tensor, target_std: float = 1.0, eps: float = 1e-4) -> torch.Tensor:
+def variance_hinge(
+    z: torch.Tensor,
+    target_std: float = 1.0,
+    eps: float = 1e-4,
+    reduce_sum: ReduceSum | None = None,
+) -> torch.Tensor:
     """VICReg's variance term on ``z [B, C]``: mean over channels of ``relu(target - std)``.
 
     Applied to per-sample pooled context embeddings it penalises a batch whose samples all
     look alike, the failure where tokens carry only their position and the latent loss is
-    trivially small. Needs ``B >= 2``; returns 0 otherwise.
+    trivially small. The (unbiased) variance is the global batch's when ``reduce_sum`` sums
+    over DDP ranks. Needs ``B >= 2`` over all ranks; returns 0 otherwise.
     """
-    if z.shape[0] < 2:
+    z = z.float()
+    first = torch.cat([z.sum(0), z.new_full((1,), float(z.shape[0]))])
+    if reduce_sum is not None:
+        first = reduce_sum(first)
+    n = first[-1].detach()
+    if n < 2:
         return z.sum() * 0.0
-    std = torch.sqrt(z.float().var(dim=0) + eps)
+    squares = ((z - first[:-1] / n) ** 2).sum(0)
+    if reduce_sum is not None:
+        squares = reduce_sum(squares)
+    std = torch.sqrt(squares / (n - 1) + eps)
     return F.relu(target_std - std).mean()
 
 
@@ -87,20 +130,18 @@ def mae_loss(
     patches: torch.Tensor,
     masked: torch.Tensor,
     norm_pix: bool = True,
+    reduce_sum: ReduceSum | None = None,
 ) -> torch.Tensor:
     """MSE between predicted and true voxels of the *masked* patches only.
 
     ``pred, patches [B, N, P]`` (all patches, raster order), ``masked [B, N]`` bool (True =
     hidden from the encoder). Visible patches are not scored: reconstructing what the
-    encoder saw teaches nothing. Per-patch mean squared error, averaged over masked patches.
+    encoder saw teaches nothing. Per-patch mean squared error, averaged over masked patches
+    (of every DDP rank when ``reduce_sum`` is given, see :func:`weighted_mean`).
     """
     target = normalize_patches(patches) if norm_pix else patches.float()
     per_patch = ((pred.float() - target) ** 2).mean(-1)
-    weight = masked.float()
-    total = weight.sum()
-    if total <= 0:
-        return pred.sum() * 0.0
-    return (per_patch * weight).sum() / total
+    return weighted_mean(per_patch, masked, reduce_sum)
 
 
 def prototype_probabilities(
@@ -119,10 +160,42 @@ def sharpen(p: torch.Tensor, temperature: float) -> torch.Tensor:
     return p / p.sum(-1, keepdim=True)
 
 
+def sinkhorn(
+    probs: torch.Tensor, n_iters: int = 3, reduce_sum: ReduceSum | None = None
+) -> torch.Tensor:
+    """Sinkhorn-Knopp balancing of target assignments ``probs [B, K]`` (MSN's targets, as in
+    SwAV): alternately rescale so that every prototype receives the same total mass over
+    the (global) batch and every sample's assignment sums to the same; after ``n_iters``
+    rounds each row is renormalised to a distribution.
+
+    Why: sharpened targets of a small batch can all pick the few prototypes that happened
+    to be closest; equal prototype marginals spread the batch over the prototypes, the
+    target-side counterpart of the mean-entropy term. Under DDP the prototype marginals
+    are the global batch's (``reduce_sum``, no gradient needed: targets are constants),
+    so N ranks x B balance exactly as one process x N·B."""
+    q = probs.float().detach().clone()
+    k = q.shape[1]
+    n = q.new_tensor(float(q.shape[0]))
+    total = q.sum()
+    if reduce_sum is not None:
+        n, total = reduce_sum(n), reduce_sum(total)
+    if n < 1:
+        return q
+    q = q / total.clamp_min(1e-12)
+    for _ in range(n_iters):
+        per_prototype = q.sum(0)
+        if reduce_sum is not None:
+            per_prototype = reduce_sum(per_prototype)
+        q = q / per_prototype.clamp_min(1e-12) / k  # each prototype: 1/K of the mass
+        q = q / q.sum(1, keepdim=True).clamp_min(1e-12) / n  # each sample: 1/N of it
+    return q * n  # rows are distributions
+
+
 def msn_loss(
     anchor_probs: torch.Tensor,
     target_probs: torch.Tensor,
     me_max_weight: float = 1.0,
+    reduce_sum: ReduceSum | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Masked Siamese Networks' objective.
 
@@ -135,17 +208,25 @@ def msn_loss(
       (the ME-MAX regulariser: maximising it keeps every prototype in use, which is what
       stops all samples collapsing onto one prototype);
     * ``loss = cross_entropy - me_max_weight * mean_entropy``.
+
+    With ``reduce_sum`` (a differentiable sum over DDP ranks) both means are over the global
+    batch: MSN averages the mean prediction over ranks *before* taking its entropy (a mean
+    of per-rank entropies is a different, weaker regulariser). A rank may hold no sample.
     """
     anchor_probs, target_probs = anchor_probs.float(), target_probs.float().detach()
     b = target_probs.shape[0]
-    if anchor_probs.shape[0] % b:
+    if b and anchor_probs.shape[0] % b:
         raise ValueError(
             f"{anchor_probs.shape[0]} anchor rows is not a multiple of {b} target rows"
         )
-    views = anchor_probs.shape[0] // b
+    views = anchor_probs.shape[0] // b if b else 0
     targets = target_probs.repeat(views, 1)
-    ce = -(targets * torch.log(anchor_probs.clamp_min(1e-12))).sum(-1).mean()
-    mean_p = anchor_probs.mean(0)
+    per_row = -(targets * torch.log(anchor_probs.clamp_min(1e-12))).sum(-1)
+    ce = weighted_mean(per_row, None, reduce_sum)
+    sums = torch.cat([anchor_probs.sum(0), anchor_probs.new_full((1,), float(len(anchor_probs)))])
+    if reduce_sum is not None:
+        sums = reduce_sum(sums)
+    mean_p = sums[:-1] / sums[-1].detach().clamp_min(1.0)
     mean_entropy = -(mean_p * torch.log(mean_p.clamp_min(1e-12))).sum()
     return ce - me_max_weight * mean_entropy, ce, mean_entropy
 
@@ -236,7 +317,7 @@ def sigreg(
     ``N(0, I)`` in some direction and scores high; Gaussian samples score ~1.
 
     ``reduce_sum`` sums a tensor over DDP ranks (differentiably, e.g.
-    ``torch.distributed.nn.functional.all_reduce``): the statistic is built from sums of
+    ``jepa_lightning.distributed.all_reduce_sum``): the statistic is built from sums of
     ``cos``/``sin`` over samples, so summing those and the sample count over ranks gives
     exactly the value one process would compute on the whole global batch. A rank may
     pass zero samples (it still joins the reduction). ``return_n`` also returns the

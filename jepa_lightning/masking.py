@@ -324,4 +324,4 @@ def focal_masks(
     ]
     offsets = torch.meshgrid(*(torch.arange(b, device=device) for b in block), indexing="ij")
     z, y, x = (s + o for s, o in zip(starts, offsets, strict=True))
-    return (z * grid[1] * grid[2] + y * grid[2] + x).reshape(batch_size, -1)
+    return (z * grid[1] * grid[2] + y * grid[2] + x).reshape(batch_size, math.prod(block))

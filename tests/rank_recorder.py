@@ -33,7 +33,7 @@ class RankRecorder(L.Callback):
         self.losses: list[tuple[int, float]] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.train_scans[trainer.current_epoch].extend(batch["scan_id"])
+        self.train_scans[trainer.current_epoch].extend(batch.get("scan_id", []))  # {}: all skipped
         if len(self.masks) < self.n_mask_batches and "ctx_image_idx" in batch:
             self.masks.append({k: batch[k] for k in MASK_KEYS})
 

@@ -415,3 +415,32 @@ def test_grad_checkpointing_only_when_training_with_grad(monkeypatch):
     out = vit.train()(x)
     assert used["n"] == len(vit.blocks)
     assert torch.allclose(out, ref.train()(x), atol=1e-6)
+
+
+# --------------------------------------------------------------------------- pooling
+
+
+def test_center_pooling_keeps_the_central_block_and_the_ehr_tokens():
+    from jepa_lightning.backbones.pooling import center_token_indices, pool_tokens
+
+    idx = center_token_indices((4, 4, 4), 2)
+    expected = [z * 16 + y * 4 + x for z in (1, 2) for y in (1, 2) for x in (1, 2)]
+    assert idx.tolist() == expected
+    assert center_token_indices((3, 4, 1), 2).tolist() == [
+        0 * 4 + 1,
+        0 * 4 + 2,
+        1 * 4 + 1,
+        1 * 4 + 2,
+    ]
+    tokens = torch.randn(2, 64 + 3, 5)
+    pooled = pool_tokens(tokens, 64, (4, 4, 4), "center")
+    kept = torch.cat([tokens[:, expected], tokens[:, 64:]], 1).mean(1)
+    assert torch.allclose(pooled, kept)
+    assert torch.allclose(pool_tokens(tokens, 64, (4, 4, 4), "mean"), tokens.mean(1))
+    assert torch.allclose(
+        pool_tokens(tokens[:, 64:], 0, (4, 4, 4), "center"), tokens[:, 64:].mean(1)
+    )
+    with pytest.raises(ValueError, match="every image token"):
+        pool_tokens(tokens[:, :10], 10, (4, 4, 4), "center")
+    with pytest.raises(ValueError, match="pooling must be"):
+        pool_tokens(tokens, 64, (4, 4, 4), "max")

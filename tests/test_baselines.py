@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from jepa_lightning.main import main
+from jepa_lightning.schedules import ema_momentum
 from jepa_lightning.tasks import MSN, DiagnosisTask
 from jepa_lightning.tasks.diagnosis import CheckpointMismatchError
 from tests.conftest import tiny_data_args
@@ -57,7 +58,7 @@ def checkpoints(tiny_cohort, tmp_path_factory) -> dict[str, Path]:
         )  # fmt: skip
         metrics = cli.trainer.callback_metrics
         assert cli.trainer.global_step == 2, name
-        for key in ("train/loss", "val/loss", "val/effective_rank", "val/feature_std"):
+        for key in ("train/loss", "val/loss", "val/rankme", "val/feature_std"):
             assert key in metrics and torch.isfinite(metrics[key]), (name, key)
         out[name] = run / "checkpoints" / "last.ckpt"
         assert out[name].exists()
@@ -247,6 +248,14 @@ def test_msn_ema_updates_once_per_optimizer_step_with_accumulation(
     assert cli.trainer.global_step == 2
     assert len(calls) == 2 * 2  # encoder and projector, once per optimizer step
     assert calls[0] == calls[1] < calls[2] == calls[3] <= 1.0
+    # the update after optimizer step k uses the schedule at k (I-JEPA's), so the first is the
+    # start momentum and the last is not a no-op (reading global_step after it moved was)
+    start, end = cli.model.ema_start(), cli.model.ema_momentum_end
+    assert calls[0] == pytest.approx(ema_momentum(0, 2, start, end))
+    assert calls[2] == pytest.approx(ema_momentum(1, 2, start, end))
+    assert calls[2] < 1.0
+    share = float(cli.model.ema_init_share)
+    assert share == pytest.approx(ema_momentum(0, 2, start, end) * ema_momentum(1, 2, start, end))
 
 
 def test_mae_encoder_sees_only_the_visible_patches_and_loss_only_the_hidden():

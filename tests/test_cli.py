@@ -43,7 +43,8 @@ def pretrained(tiny_cohort, tmp_path_factory) -> Path:
         "train/loss_image",
         "train/loss_ehr",
         "val/loss",
-        "val/effective_rank",
+        "val/rankme",
+        "val/centred_rank",
     ):
         assert key in metrics and torch.isfinite(metrics[key]), key
     return run

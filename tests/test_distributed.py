@@ -20,7 +20,7 @@ import torch
 import yaml
 from torchmetrics.functional.classification import binary_auroc
 
-from jepa_lightning.collapse import effective_rank, mean_feature_std
+from jepa_lightning.collapse import centred_rank, mean_feature_std, rankme
 
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN = ROOT / "experiments" / "quickstart" / "pretrain.yaml"
@@ -168,7 +168,8 @@ def test_validation_metrics_cover_every_rank_once(jepa_ddp, ddp_manifest):
     assert len(z) == n_val  # every scan once: no padding duplicates, not only rank 0's share
     logged = [rec["metrics"] for rec in last]
     assert logged[0] == logged[1]  # every rank logs the same, gathered value
-    assert logged[0]["val/effective_rank"] == pytest.approx(effective_rank(z), rel=1e-4)
+    assert logged[0]["val/rankme"] == pytest.approx(rankme(z), rel=1e-4)
+    assert logged[0]["val/centred_rank"] == pytest.approx(centred_rank(z), rel=1e-4)
     assert logged[0]["val/feature_std"] == pytest.approx(mean_feature_std(z), rel=1e-4)
     # rank 1 had no labelled scan, yet took part; the AUROC is over rank 0's three
     assert sum(t.numel() for t in last[1]["probe_preds"]) == 0
@@ -237,3 +238,22 @@ def test_diagnosis_ddp_fit_and_test_metrics_match_one_process(ddp_manifest, tmp_
             key = f"test/{cohort}/{name}"
             assert ranks[0]["metrics"][key] == ranks[1]["metrics"][key]
             assert ranks[0]["metrics"][key] == pytest.approx(one[key], abs=1e-6), key
+
+
+def test_a_rank_with_an_unreadable_batch_still_steps(ddp_manifest, tmp_path):
+    """``on_bad_sample: skip`` with batch 1: whenever a rank draws an unreadable scan its whole
+    batch is empty. Lightning refuses a skipped ``training_step`` under DDP, so that rank
+    steps with an empty batch (``BaseTask.empty_batch``) and the fit completes."""
+    df = pd.read_parquet(ddp_manifest)
+    train = df.index[df["split"] == "train"][:16]
+    for i in train:  # 16 of the training scans are not NIfTI files at all
+        bad = tmp_path / f"unreadable_{i}.nii.gz"
+        bad.write_bytes(b"this is not a NIfTI file")
+        df.loc[i, "image"] = str(bad)
+    manifest = tmp_path / "manifest.parquet"
+    df.to_parquet(manifest)
+    data = {"batch_size": 1, "cache_volumes": False, "on_bad_sample": "skip"}
+    config = ddp_config(PRETRAIN, manifest, tmp_path / "run", data=data, reference_metrics=False)
+    proc = run_cli("fit", "--config", str(config), "--trainer.max_epochs=1")
+    assert "steps with an empty batch" in proc.stderr
+    assert (tmp_path / "run").exists()

@@ -88,7 +88,7 @@ def test_ssl_method_completes_ddp_fit_whatever_the_labelled_validation_layout(
     probe = val["val/probe_auroc"] if "val/probe_auroc" in val else val.filter(like="probe_auroc")
     probe = probe if isinstance(probe, pd.Series) else probe.iloc[:, 0]
     assert probe.isna()[0] and probe.notna()[1] and probe.notna()[2], val
-    assert val["val/effective_rank"].notna().all()
+    assert val["val/rankme"].notna().all()
 
 
 def test_a_collective_only_one_rank_enters_ends_with_a_timeout(manifest, tmp_path):

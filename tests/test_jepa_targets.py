@@ -102,13 +102,14 @@ def _free_port() -> int:
 
 def _two_rank_sigreg(rank: int, port: int, z: torch.Tensor, out: dict, standardize: bool) -> None:
     import torch.distributed as dist
-    import torch.distributed.nn.functional as dist_fn
+
+    from jepa_lightning.distributed import all_reduce_sum
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         local = z[rank::2].clone().requires_grad_()
-        value = sigreg(local, DIRS, reduce_sum=dist_fn.all_reduce, standardize=standardize)
+        value = sigreg(local, DIRS, reduce_sum=all_reduce_sum, standardize=standardize)
         value.backward()
         out[rank] = (float(value), local.grad.clone())
     finally:

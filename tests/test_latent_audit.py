@@ -43,7 +43,7 @@ def test_a_checkpoint_equal_to_the_random_init_audits_equal(tmp_path, tiny_cohor
     table = run(ckpt, config, seed=0)
     assert list(table.index) == ["random init", "pretrained", "pretrained - random init"]
     assert set(IMAGE_FACTORS) <= set(table.columns)
-    cols = [*IMAGE_FACTORS, "mean_r2", "full_label_auroc", "effective_rank"]
+    cols = [*IMAGE_FACTORS, "mean_r2", "full_label_auroc", "rankme", "centred_rank"]
     assert np.allclose(table.loc["random init", cols].astype(float),
                        table.loc["pretrained", cols].astype(float))  # fmt: skip
     assert np.isfinite(table.loc["pretrained", "mean_r2"])
@@ -58,7 +58,7 @@ def test_other_weights_audit_differently_and_the_table_is_written(tmp_path, tiny
     main(["--ckpt", ckpt, "--config", config, "--out", str(tmp_path / "audit.csv")])
     assert "mean_r2" in capsys.readouterr().out
     table = __import__("pandas").read_csv(tmp_path / "audit.csv", index_col=0)
-    assert table.loc["random init", "effective_rank"] != table.loc["pretrained", "effective_rank"]
+    assert table.loc["random init", "rankme"] != table.loc["pretrained", "rankme"]
     delta = table.loc["pretrained - random init"]
     assert delta["mean_r2_ci_low"] <= delta["mean_r2"] <= delta["mean_r2_ci_high"]
     assert delta["mean_r2"] == pytest.approx(
@@ -71,3 +71,22 @@ def test_a_real_archive_config_is_refused_by_name(tmp_path):
     config.write_text(yaml.safe_dump({"data": {"class_path": "CTEHRDataModule"}}))
     with pytest.raises(SystemExit, match="latents.parquet"):
         run("unused.ckpt", str(config))
+
+
+def test_pooling_probe_scores_every_pooling_on_validation_scans(tmp_path, tiny_cohort):
+    """The no-training read-out measurement (random-init encoders, validation scans only)."""
+    from jepa_lightning.evaluation.pooling_probe import main as pooling_probe
+
+    data = tmp_path / "data.yaml"
+    data.write_text(yaml.safe_dump({"data": {
+        "class_path": "data_modules.ct_ehr.CTEHRDataModule",
+        "init_args": {"manifest": str(tiny_cohort / "manifest.parquet"), "image_size": 16,
+                      "batch_size": 8, "num_workers": 0},
+    }}))  # fmt: skip
+    table = pooling_probe(
+        ["--data", str(data), "--patch", "8", "--seeds", "0", "--n-resamples", "50"]
+    )
+    assert list(table["pooling"]) == ["mean", "center", "center - mean"]
+    assert table["auroc"].between(-1, 1).all() and (table["ci_low"] <= table["ci_high"]).all()
+    delta = table.set_index("pooling")["auroc"]
+    assert delta["center - mean"] == pytest.approx(delta["center"] - delta["mean"])

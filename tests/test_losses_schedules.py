@@ -10,7 +10,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from jepa_lightning.backbones import JEPAPredictor, MultimodalEncoder
-from jepa_lightning.collapse import effective_rank, mean_feature_std
+from jepa_lightning.collapse import (
+    centred_rank,
+    collapse_measures,
+    collapse_verdict,
+    mean_feature_std,
+    rankme,
+    spread_share,
+)
 from jepa_lightning.losses import (
     latent_regression_loss,
     layer_norm_targets,
@@ -239,29 +246,64 @@ def test_ema_update_on_parameters_without_grad():
 # --------------------------------------------------------------------------- collapse
 
 
-def test_effective_rank_rank_one():
+def test_rankme_and_centred_rank_of_a_rank_one_embedding():
     g = _gen(9)
     a, b = torch.randn(500, generator=g), torch.randn(32, generator=g)
-    assert effective_rank(torch.outer(a, b)) == pytest.approx(1.0, abs=0.02)
+    assert rankme(torch.outer(a, b)) == pytest.approx(1.0, abs=0.02)
+    assert centred_rank(torch.outer(a, b)) == pytest.approx(1.0, abs=0.02)
 
 
-def test_effective_rank_isotropic():
+def test_rankme_and_centred_rank_of_an_isotropic_embedding():
     c = 16
     z = torch.randn(4000, c, generator=_gen(10))
-    r = effective_rank(z)
-    assert 0.9 * c < r <= c + 1e-4
+    assert 0.9 * c < rankme(z) <= c + 1e-3
+    assert 0.9 * c < centred_rank(z) <= c + 1e-3
 
 
-def test_effective_rank_intermediate_and_degenerate():
+def test_centred_rank_intermediate_and_degenerate():
     g = _gen(11)
     # 4 independent directions embedded in 32 channels
     z = torch.randn(2000, 4, generator=g) @ torch.randn(4, 32, generator=g)
-    assert 2.0 < effective_rank(z) < 4.0 + 1e-3
-    # a constant offset does not add a dimension (the data are centred)
-    assert effective_rank(torch.outer(torch.randn(300, generator=g), torch.ones(8)) + 5.0) == (
+    assert 2.0 < centred_rank(z) < 4.0 + 1e-3
+    # a constant offset does not add a dimension to the centred rank
+    assert centred_rank(torch.outer(torch.randn(300, generator=g), torch.ones(8)) + 5.0) == (
         pytest.approx(1.0, abs=0.02)
     )
-    assert math.isnan(effective_rank(torch.randn(1, 8)))
+    assert math.isnan(centred_rank(torch.randn(1, 8)))
+    assert math.isnan(rankme(torch.randn(1, 8)))
+
+
+def test_rankme_is_uncentred_and_reads_a_point_collapse_as_one():
+    """RankMe (Garrido et al. 2023) from its definition, in float64: p_k = s_k / sum(s) + eps,
+    exp(-sum p log p) of the singular values of the *uncentred* embeddings. A collapse to one
+    point plus small noise reads ~1 there, while the centred rank reads the noise (~30 of 32),
+    so the verdict must come from RankMe or the spread, never the centred rank alone."""
+    g = _gen(13)
+    point = torch.randn(32, generator=g, dtype=torch.float64) * 3
+    z = point + 1e-3 * torch.randn(512, 32, generator=g, dtype=torch.float64)
+    s = torch.linalg.svdvals(z)
+    p = s / s.sum() + 1e-7
+    expected = float(torch.exp(-(p * p.log()).sum()))
+    assert rankme(z) == pytest.approx(expected, rel=1e-4)
+    assert rankme(z) < 1.1
+    assert centred_rank(z) > 25  # the blind spot of the centred statistic
+    assert spread_share(z) < 1e-5
+    assert collapse_verdict(spread_share(z), centred_rank(z)) == "point collapse"
+
+
+def test_collapse_verdicts():
+    g = _gen(14)
+    healthy = torch.randn(400, 16, generator=g)
+    line = torch.outer(torch.randn(400, generator=g), torch.randn(16, generator=g))
+    assert collapse_verdict(spread_share(healthy), centred_rank(healthy)) == "none"
+    assert collapse_verdict(spread_share(line), centred_rank(line)) == "dimensional collapse"
+    assert collapse_verdict(float("nan"), 3.0) == "unknown"
+    assert set(collapse_measures(healthy)) == {
+        "rankme",
+        "centred_rank",
+        "spread_share",
+        "feature_std",
+    }
 
 
 def test_mean_feature_std():

@@ -95,8 +95,8 @@ class PlainJEPALoop:
 
     Per step: ``jepa_losses`` + online-probe loss (``training_step``'s sum, without its
     ``self.log`` calls), ``zero_grad(set_to_none)``, backward, AdamW step with the task's
-    parameter groups, LR schedule step, then the EMA update with the momentum of the new
-    optimizer step (what ``on_train_batch_end`` does).
+    parameter groups, LR schedule step, then the EMA update with the momentum of the step
+    just taken (what ``on_train_batch_end`` does).
     """
 
     def __init__(self, task: MultimodalJEPA, total_steps: int):
@@ -128,7 +128,7 @@ class PlainJEPALoop:
         start = h.ema_momentum_start
         if start == "auto":
             start = ema_start_for_share(self.total, 0.05, 0.1, h.ema_momentum_end)
-        m = ema_momentum(self.global_step, self.total, start, h.ema_momentum_end)
+        m = ema_momentum(self.global_step - 1, self.total, start, h.ema_momentum_end)
         ema_update_(self._target, self._online, m)
         task.ema_init_share *= m
         return loss.detach()

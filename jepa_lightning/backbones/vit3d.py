@@ -75,8 +75,9 @@ def patchify(x: torch.Tensor, patch_size: Size3) -> torch.Tensor:
     patch grid, voxels in the order of a ``Conv3d`` weight (channel, z, y, x)."""
     b, c, d, h, w = x.shape
     pd, ph, pw = patch_size
+    n = (d // pd) * (h // ph) * (w // pw)  # explicit: a batch of 0 (an empty DDP rank) has no -1
     x = x.reshape(b, c, d // pd, pd, h // ph, ph, w // pw, pw)
-    return x.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(b, -1, c * pd * ph * pw)
+    return x.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(b, n, c * pd * ph * pw)
 
 
 class PatchEmbed3D(nn.Module):

@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 import yaml
 
-from jepa_lightning.collapse import effective_rank
+from jepa_lightning.collapse import centred_rank, rankme
 
 #: image-side factors a good image embedding should make linearly readable
 IMAGE_FACTORS = (
@@ -94,7 +94,8 @@ def audit_encoder(encoder, datamodule, latents: pd.DataFrame, device: torch.devi
     row["full_label_auroc"] = metric(
         "auroc", preds["label_prob"].to_numpy(), va["true_label"].to_numpy()
     )
-    row["effective_rank"] = effective_rank(torch.from_numpy(va_z))
+    row["rankme"] = rankme(torch.from_numpy(va_z))
+    row["centred_rank"] = centred_rank(torch.from_numpy(va_z))
     return row, preds
 
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from jepa_lightning.collapse import collapse_verdict
 from jepa_lightning.evaluation import stats
 from jepa_lightning.evaluation.study_spec import Run, Study
 
@@ -215,11 +216,14 @@ def health_text(method: str, h: dict[str, Any]) -> str:
         return "—" if v is None or np.isnan(v) else f"{v:.3f}"
 
     width = h.get("embed_dim")
+    verdict = collapse_verdict(h.get("final/spread_share"), h.get("final/centred_rank"))
     return (
-        f"Pretraining {method} ({h['checkpoint']}): image-only effective rank min "
-        f"{get('effective_rank_min')} of width {width if width is not None else '—'} over the "
-        f"validations (random init {get('ref/effective_rank')}, final "
-        f"{get('final/effective_rank')}); online image-only probe last {get('probe_last')} vs "
+        f"Pretraining {method} ({h['checkpoint']}): image-only RankMe min {get('rankme_min')} "
+        f"of width {width if width is not None else '—'} over the validations (random init "
+        f"{get('ref/rankme')}, final {get('final/rankme')}); centred rank random init "
+        f"{get('ref/centred_rank')} -> final {get('final/centred_rank')}; spread share random "
+        f"init {get('ref/spread_share')} -> final {get('final/spread_share')} (collapse: "
+        f"{verdict}); online image-only probe last {get('probe_last')} vs "
         f"best {get('probe_best')}; offline image-only probe (logistic regression, labelled "
         f"train -> val) random init {get('ref/probe_auroc')} -> final {get('final/probe_auroc')}."
     )

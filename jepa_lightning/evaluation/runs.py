@@ -247,10 +247,11 @@ def load_predictions(study: Study) -> dict[Run, pd.DataFrame]:
 
 
 def pretraining_health(study: Study, method: str) -> dict[str, Any] | None:
-    """What a finished pretraining logged about collapse: the image-only validation
-    effective rank (min, best, last) and the encoder's width, the online image-only probe
-    (min, best, last), and the offline references ``ref/*`` (random init, step 0) and
-    ``final/*``. None when the pretraining left no metrics file (e.g. a W&B-only logger)."""
+    """What a finished pretraining logged about collapse: the image-only validation RankMe,
+    centred rank and spread share (min, best, last) and the encoder's width, the online
+    image-only probe (min, best, last), and the offline references ``ref/*`` (random init,
+    step 0) and ``final/*``. None when the pretraining left no metrics file (e.g. a W&B-only
+    logger)."""
     marker = read_marker(pretrain_folder(study, method))
     if not marker or not marker.get("metrics") or not Path(marker["metrics"]).exists():
         return None
@@ -259,7 +260,8 @@ def pretraining_health(study: Study, method: str) -> dict[str, Any] | None:
         "checkpoint": Path(marker["checkpoint"]).name,
         "embed_dim": marker.get("embed_dim"),
     }
-    for key, column in (("effective_rank", "val/effective_rank"), ("probe", "val/probe_auroc")):
+    for key in ("rankme", "centred_rank", "spread_share", "probe"):
+        column = f"val/{key}_auroc" if key == "probe" else f"val/{key}"
         values = m[column].dropna() if column in m else pd.Series(dtype=float)
         if len(values):
             health[f"{key}_min"] = float(values.min())

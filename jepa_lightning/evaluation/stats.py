@@ -47,7 +47,7 @@ def metric(name: str, prob: np.ndarray, label: np.ndarray) -> float:
     label = np.asarray(label)
     if label.size == 0 or label.min() == label.max():
         return float("nan")
-    prob_t = torch.tensor(np.asarray(prob, dtype=np.float32))
+    prob_t = torch.tensor(np.asarray(prob, dtype=np.float64))  # float32 would tie distinct scores
     return float(METRICS[name](prob_t, torch.tensor(label.astype(np.int64))))
 
 
@@ -86,7 +86,7 @@ def bootstrap_distribution(
 ) -> np.ndarray:
     """``[R, M]``: the metric of each of ``M`` models (columns of ``probs [N, M]``) on each
     resample; a row is NaN where the resample has one class only."""
-    probs = np.asarray(probs, dtype=np.float32).reshape(len(label), -1)
+    probs = np.asarray(probs, dtype=np.float64).reshape(len(label), -1)  # no ties from rounding
     label = np.asarray(label)
     out = np.full((len(resamples), probs.shape[1]), np.nan)
     for r, idx in enumerate(resamples):

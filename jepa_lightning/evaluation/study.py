@@ -29,7 +29,7 @@ import pandas as pd
 
 from jepa_lightning.evaluation import report, runs
 from jepa_lightning.evaluation.plots import roc_figure, tsne_figure
-from jepa_lightning.evaluation.study_spec import Run, Study, load_study
+from jepa_lightning.evaluation.study_spec import Run, Study, load_study, restrict_methods
 
 
 def write_outputs(
@@ -101,8 +101,14 @@ def main(argv: list[str] | None = None) -> pd.DataFrame | None:
     parser.add_argument("--out", default=None, help="output folder (default: the YAML's out)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs; run nothing")
     parser.add_argument("--wandb", action="store_true", help="also log the table to W&B")
+    parser.add_argument(
+        "--methods", nargs="+", default=None,
+        help="only these methods of the study (and the reference's): re-measure some rows",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     study = load_study(args.config, args.out)
+    if args.methods:
+        study = restrict_methods(study, args.methods)
     if args.dry_run:
         dry_run(study)
         return None

@@ -38,7 +38,7 @@ current directory, as with ``--config``.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -337,3 +337,21 @@ def load_study(path: str | Path, out: str | None = None) -> Study:
     except yaml.YAMLError as err:
         raise StudyConfigError(f"{path} is not valid YAML: {err}") from err
     return parse_study(data, str(path), out)
+
+
+def restrict_methods(study: Study, names: list[str]) -> Study:
+    """The study with only the methods ``names`` (and the reference's method, which every
+    comparison column needs), and the comparisons among them: to re-measure some rows of a
+    study (e.g. after a method changed) without retraining the others."""
+    unknown = [n for n in names if n not in study.methods]
+    if unknown:
+        raise StudyConfigError(
+            f"{study.source}: no method {unknown} in the study; its methods are "
+            f"{sorted(study.methods)}"
+        )
+    keep = set(names) | ({study.reference[0]} if study.reference else set())
+    return replace(
+        study,
+        methods={k: m for k, m in study.methods.items() if k in keep},
+        comparisons=[c for c in study.comparisons if c[0][0] in keep and c[1][0] in keep],
+    )

@@ -17,14 +17,19 @@ import torch
 from torch import nn
 
 from jepa_lightning.backbones import Backbone, MultimodalEncoder, as_backbone
+from jepa_lightning.backbones.pooling import POOLINGS, PoolingName, pool_tokens
 from jepa_lightning.backbones.presets import PresetName
 from jepa_lightning.backbones.vit3d import compile_blocks
+from jepa_lightning.distributed import all_reduce_sum
+from jepa_lightning.losses import ReduceSum
 from jepa_lightning.schedules import cosine_ramp, warmup_cosine, warmup_stable_decay
 
 log = logging.getLogger(__name__)
 
-# Parameters that are codes rather than weights: decaying them towards 0 only erases them.
+# Parameters that are codes rather than weights: decaying them towards 0 only erases them
+# (MSN's prototypes: the MSN paper excludes them from weight decay).
 NO_DECAY_NAMES = (
+    "prototypes",
     "identity",
     "ehr_identity",
     "missing_embed",
@@ -78,6 +83,13 @@ class BaseTask(L.LightningModule):
         decay_fraction: length of the ``wsd`` decay phase as a share of all steps.
         weight_decay_end: when set, the weight decay follows a half cosine from
             ``weight_decay`` to this value over the run (I-JEPA: 0.04 -> 0.4).
+        pooling: how a scan's tokens become the one feature vector that probes, the
+            collapse monitors, finetuning heads and SIGReg read: ``mean`` (every token) or
+            ``center`` (the ``pool_center_size``³ image tokens at the crop centre, where an
+            ROI-centred crop puts the lesion, plus any EHR tokens;
+            :mod:`~jepa_lightning.backbones.pooling`). ``center`` is for ROI-centred crops
+            (a manifest with ``roi_x/y/z``); without an ROI keep ``mean``.
+        pool_center_size: side, in patches, of the central block ``center`` pools.
     """
 
     def __init__(
@@ -95,8 +107,14 @@ class BaseTask(L.LightningModule):
         lr_schedule: Literal["cosine", "wsd"] = "cosine",
         decay_fraction: float = 0.2,
         weight_decay_end: float | None = None,
+        pooling: PoolingName = "mean",
+        pool_center_size: int = 2,
     ):
         super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        if pool_center_size < 1:
+            raise ValueError(f"pool_center_size must be >= 1, got {pool_center_size}")
         if lr_schedule not in ("cosine", "wsd"):
             raise ValueError(f"lr_schedule must be 'cosine' or 'wsd', got {lr_schedule!r}")
         if not 0.0 < decay_fraction <= 1.0:
@@ -118,6 +136,16 @@ class BaseTask(L.LightningModule):
     @property
     def embed_dim(self) -> int:
         return self.backbone.embed_dim
+
+    def pool(self, tokens: torch.Tensor, n_image: int | None = None) -> torch.Tensor:
+        """``[B, N, C] -> [B, C]`` by this task's ``pooling``; ``n_image`` image tokens lead
+        (default: all of them, an image-only sequence)."""
+        n_image = tokens.shape[1] if n_image is None else n_image
+        h = self.hparams
+        return pool_tokens(
+            tokens, n_image, self.encoder.grid, h.get("pooling", "mean"),
+            h.get("pool_center_size", 2),
+        )  # fmt: skip
 
     def build_encoder(self, residual_rescale: bool = False) -> MultimodalEncoder:
         """The shared encoder of this task's backbone and data sizes (every task builds its
@@ -235,6 +263,57 @@ class BaseTask(L.LightningModule):
             return
         for name, value in values.items():
             self.log(f"train/{name}", value, batch_size=batch_size)
+
+    # --- DDP: objectives of the global batch, and steps every rank takes -------------------
+    def world_size(self) -> int:
+        return self.trainer.world_size if self._trainer is not None else 1
+
+    def loss_reduce_sum(self) -> ReduceSum | None:
+        """What the losses sum their counts and statistics with: a differentiable sum over
+        DDP ranks in training (so N ranks x B give the objective of 1 process x N·B,
+        :mod:`jepa_lightning.distributed`), None on one process and in evaluation (ranks may
+        hold different numbers of validation batches, so no collective may depend on them)."""
+        return all_reduce_sum if self.world_size() > 1 and self.training else None
+
+    def empty_batch(self) -> dict:
+        """A batch of zero samples with the documented keys and shapes, for a DDP rank whose
+        whole batch was skipped as bad input.
+
+        Why: Lightning cannot skip a step on one rank only (``training_step`` returning None
+        is refused under DDP), and the other ranks' losses wait in collectives this rank
+        must join. With zero samples it runs the same code, adds nothing to any sum or count
+        (every loss is a global mean, :meth:`loss_reduce_sum`), and :meth:`backward`'s zero
+        term gives every parameter a gradient to all-reduce, so the step equals the one the
+        other ranks' samples alone would give. A subclass adds its own keys (masks)."""
+        h = self.hparams
+        size = h.image_size if isinstance(h.image_size, list | tuple) else [h.image_size] * 3
+        f = h.n_ehr_features
+        return {
+            "image": torch.zeros(0, 1, *size, device=self.device),
+            "ehr": torch.zeros(0, f, device=self.device),
+            "ehr_missing": torch.zeros(0, f, dtype=torch.bool, device=self.device),
+            "label": torch.zeros(0, device=self.device),
+            "patient_id": [],
+            "scan_id": [],
+            "cohort": [],
+        }
+
+    def training_batch(self, batch: dict) -> dict | None:
+        """The batch a ``training_step`` trains on: ``batch``, or for a batch whose every
+        sample was skipped, None on one process (Lightning skips the step) and
+        :meth:`empty_batch` under DDP (every rank must take every step)."""
+        if batch:
+            return batch
+        if self.world_size() == 1:
+            return None
+        if not getattr(self, "_warned_empty_rank", False):
+            log.warning(
+                "rank %d: every sample of a training batch was skipped as bad input; this rank "
+                "steps with an empty batch (the others' samples make the step)",
+                self.global_rank,
+            )
+            self._warned_empty_rank = True
+        return self.empty_batch()
 
     # --- DDP: evaluation decisions every rank takes alike ----------------------------------
     def count_over_ranks(self, n: int | torch.Tensor) -> int:

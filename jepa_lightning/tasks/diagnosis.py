@@ -164,7 +164,7 @@ class DiagnosisTask(BaseTask):
             batch["ehr"] if self.uses_ehr else None,
             batch["ehr_missing"] if self.uses_ehr else None,
         )
-        return tokens.mean(1)
+        return self.pool(tokens, self.encoder.num_patches if self.uses_image else 0)
 
     def features(self, batch: dict) -> torch.Tensor:
         """What the head sees, ``[B, C]``: here the scan's :meth:`scan_features` (a subclass
@@ -175,9 +175,11 @@ class DiagnosisTask(BaseTask):
         return self.head(self.features(batch)).squeeze(-1)
 
     def training_step(self, batch: dict, batch_idx: int):
-        if not batch:
+        batch = self.training_batch(batch)  # an all-skipped batch: see BaseTask.empty_batch
+        if batch is None:
             return None
-        loss = masked_bce_with_logits(self(batch), batch["label"])
+        # the mean over the labelled scans of every rank (their numbers differ between ranks)
+        loss = masked_bce_with_logits(self(batch), batch["label"], self.loss_reduce_sum())
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["label"]))
         return loss
 

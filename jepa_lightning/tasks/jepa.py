@@ -28,6 +28,7 @@ from torch import nn
 
 from jepa_lightning.backbones import JEPAPredictor
 from jepa_lightning.backbones.vit3d import gather_tokens
+from jepa_lightning.distributed import all_reduce_sum
 from jepa_lightning.losses import (
     center_targets,
     latent_regression_loss,
@@ -173,21 +174,14 @@ class MultimodalJEPA(MomentumSSLTask):
         :class:`~jepa_lightning.callbacks.TaskCollateHook`)."""
         return self.mask_collator()
 
-    # --- DDP helpers ---------------------------------------------------------------------------
-    def _world(self) -> int:
-        return self.trainer.world_size if self._trainer is not None else 1
-
-    def _mean_over_ranks(self, x: torch.Tensor) -> torch.Tensor:
-        if self._world() > 1:
-            return self.trainer.strategy.reduce(x.clone(), reduce_op="mean")
-        return x
-
-    def _sum_over_ranks_differentiable(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum over ranks with a backward (each rank gets the gradient of the global value;
-        DDP's averaging then gives the gradient of the statistic of the global batch)."""
-        import torch.distributed.nn.functional as dist_fn
-
-        return dist_fn.all_reduce(x)
+    def empty_batch(self) -> dict:
+        """:meth:`BaseTask.empty_batch` with (empty) mask indices: one image context and one
+        image target position per sample, no EHR ones; any lengths serve zero samples."""
+        batch = super().empty_batch()
+        index = torch.zeros(0, 1, dtype=torch.long, device=self.device)
+        none = torch.zeros(0, 0, dtype=torch.long, device=self.device)
+        batch.update(ctx_image_idx=index, tgt_image_idx=index, ctx_ehr_idx=none, tgt_ehr_idx=none)
+        return batch
 
     # --- targets -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -207,9 +201,15 @@ class MultimodalJEPA(MomentumSSLTask):
 
     @torch.no_grad()
     def update_target_mean(self, normed: torch.Tensor) -> torch.Tensor:
-        """Fold this batch's per-position mean (averaged over ranks) into the running mean;
-        returns the batch mean."""
-        batch_mean = self._mean_over_ranks(normed.float().mean(0))
+        """Fold this batch's per-position mean (over the samples of every rank) into the
+        running mean; returns the batch mean (the running one for a batch of no sample)."""
+        sums = normed.float().sum(0)
+        count = sums.new_tensor(float(normed.shape[0]))
+        if self.world_size() > 1:
+            sums, count = all_reduce_sum(sums), all_reduce_sum(count)
+        if count < 1:
+            return self.target_mean[: normed.shape[1]]
+        batch_mean = sums / count
         k = int(self.target_mean_batches)
         rate = max(1.0 / (k + 1), 1.0 - self.hparams.target_center_momentum)
         self.target_mean[: batch_mean.shape[0]].lerp_(batch_mean, rate)
@@ -234,7 +234,7 @@ class MultimodalJEPA(MomentumSSLTask):
         else:
             out["baseline"] = running.unsqueeze(0).expand_as(normed)
         out["targets"] = normed
-        out["pooled_image"] = img.mean(1)
+        out["pooled_image"] = self.pool(img)
         ehr_pooled = ehr.mean(1) if ehr is not None else torch.zeros_like(out["pooled_image"])
         out["pooled_joint"] = torch.cat([out["pooled_image"], ehr_pooled], dim=1)
         return out
@@ -243,7 +243,7 @@ class MultimodalJEPA(MomentumSSLTask):
     def sigreg_parts(self, batch: dict, context: torch.Tensor, n_ctx_img: int) -> list:
         """The per-modality embeddings ``[B_m, C]`` SIGReg regularises (``sigreg_input``)."""
         if self.hparams.sigreg_input == "full":
-            parts = [self.encoder(batch["image"], None, batch["ehr_missing"]).mean(1)]
+            parts = [self.pool(self.encoder(batch["image"], None, batch["ehr_missing"]))]
             if self.hparams.use_ehr:
                 parts.append(self.encoder(None, batch["ehr"], batch["ehr_missing"]).mean(1))
             return parts
@@ -271,8 +271,8 @@ class MultimodalJEPA(MomentumSSLTask):
         dirs = sigreg_directions(
             self.embed_dim, self.hparams.sigreg_directions, seed, parts[0].device
         )
-        synced = self._world() > 1 and self.training
-        reduce = self._sum_over_ranks_differentiable if synced else None
+        reduce = self.loss_reduce_sum()
+        synced = reduce is not None
         terms, present = [], []
         for z in parts:
             if not z.shape[0] and not synced:
@@ -309,27 +309,31 @@ class MultimodalJEPA(MomentumSSLTask):
             ehr_keep=ctx_ehr,
         )
         pred_img, pred_ehr = self.predictor(context, ctx_img, ctx_ehr, tgt_img_idx, tgt_ehr_idx)
-        kind = self.hparams.loss
+        kind, reduce = self.hparams.loss, self.loss_reduce_sum()
         tgt_img = gather_tokens(t["targets"][:, :n_img], tgt_img_idx)
         base_img = gather_tokens(t["baseline"][:, :n_img], tgt_img_idx)
-        out = {"loss_image": latent_regression_loss(pred_img, tgt_img, kind=kind)}
+        # every mean over the target tokens of all ranks (their numbers differ: masks are drawn
+        # per rank), so N ranks x B optimise what 1 process x N·B does
+        loss_image = latent_regression_loss(pred_img, tgt_img, kind=kind, reduce_sum=reduce)
+        out = {"loss_image": loss_image}
         with torch.no_grad():
-            baseline = latent_regression_loss(base_img, tgt_img, kind=kind)
-            out["loss_vs_position_baseline"] = out["loss_image"].detach() / baseline.clamp_min(
-                1e-12
-            )
-        loss = out["loss_image"]
-        if tgt_ehr_idx.shape[1]:
+            baseline = latent_regression_loss(base_img, tgt_img, kind=kind, reduce_sum=reduce)
+            out["loss_vs_position_baseline"] = loss_image.detach() / baseline.clamp_min(1e-12)
+        loss = loss_image
+        # Under DDP a rank whose masks drew no EHR target still joins the EHR loss's sums.
+        if tgt_ehr_idx.shape[1] or reduce is not None:
             tgt_ehr = gather_tokens(t["targets"][:, n_img:], tgt_ehr_idx)
             observed = ~torch.gather(batch["ehr_missing"], 1, tgt_ehr_idx)
-            out["loss_ehr"] = latent_regression_loss(pred_ehr, tgt_ehr, observed, kind=kind)
-            loss = loss + self.hparams.ehr_loss_weight * out["loss_ehr"]
+            loss_ehr = latent_regression_loss(pred_ehr, tgt_ehr, observed, kind, reduce_sum=reduce)
+            if tgt_ehr_idx.shape[1]:
+                out["loss_ehr"] = loss_ehr
+            loss = loss + self.hparams.ehr_loss_weight * loss_ehr
         if self.hparams.sigreg_weight > 0:
             parts = self.sigreg_parts(batch, context, ctx_img.shape[1])
             out["loss_sigreg"] = self.sigreg_term(parts)
             loss = loss + self.hparams.sigreg_weight * out["loss_sigreg"]
         if self.hparams.variance_weight > 0:
-            out["loss_variance"] = variance_hinge(context.mean(1))
+            out["loss_variance"] = variance_hinge(context.mean(1), reduce_sum=reduce)
             loss = loss + self.hparams.variance_weight * out["loss_variance"]
         out["loss"] = loss
         out["target_position_r2"] = t["target_position_r2"]

@@ -22,6 +22,17 @@ from jepa_lightning.tasks.diagnosis import DiagnosisTask
 SEQUENCE_KEYS = ("scan_mask", "scan_times")
 
 
+def empty_sequence_batch(batch: dict, slots: int = 2) -> dict:
+    """A single-scan batch of zero samples (:meth:`BaseTask.empty_batch`) as a sequence batch
+    of zero patients with ``slots`` scan positions each (any number serves zero patients)."""
+    for key in ("image", "ehr", "ehr_missing"):
+        batch[key] = batch[key].unsqueeze(1).expand(-1, slots, *batch[key].shape[1:])
+    device = batch["image"].device
+    batch["scan_mask"] = torch.zeros(0, slots, dtype=torch.bool, device=device)
+    batch["scan_times"] = torch.zeros(0, slots, device=device)
+    return batch
+
+
 class LongitudinalDiagnosisTask(DiagnosisTask):
     """Binary diagnosis at a patient's latest scan from the patient's scans over time.
 
@@ -76,6 +87,9 @@ class LongitudinalDiagnosisTask(DiagnosisTask):
         )
         return super().param_groups() + decay_groups(temporal, self.weight_decay)
 
+    def empty_batch(self) -> dict:
+        return empty_sequence_batch(super().empty_batch())
+
     def _per_scan_keys(self) -> list[str]:
         return (["image"] if self.uses_image else []) + (
             ["ehr", "ehr_missing"] if self.uses_ehr else []
@@ -111,7 +125,7 @@ class LongitudinalDiagnosisTask(DiagnosisTask):
         z = self.scan_features(
             {k: v.flatten(0, 1).index_select(0, real) for k, v in per_scan.items()}
         )
-        tokens = z.new_zeros(b * s, z.shape[-1]).index_copy(0, real, z).view(b, s, -1)
+        tokens = z.new_zeros(b * s, z.shape[-1]).index_copy(0, real, z).view(b, s, z.shape[-1])
         tokens = tokens + self.time_embed(times).to(tokens.dtype)
         tokens = tokens.masked_fill(~mask.unsqueeze(-1), 0.0)  # padding: a defined zero token
         return self.temporal(tokens, mask)

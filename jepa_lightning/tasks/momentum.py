@@ -75,11 +75,14 @@ class MomentumSSLTask(SSLTask):
             self._auto_ema = (total, ema_start_for_share(total, 0.05, 0.1, end))
         return self._auto_ema[1]
 
-    def current_momentum(self) -> float:
+    def momentum_at(self, step: int) -> float:
+        """The EMA momentum of the update that follows optimizer step ``step`` (0-based)."""
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        return ema_momentum(
-            self.trainer.global_step, total, self.ema_start(), self.ema_momentum_end
-        )
+        return ema_momentum(step, total, self.ema_start(), self.ema_momentum_end)
+
+    def current_momentum(self) -> float:
+        """The momentum of this step's update (``global_step`` counts the steps taken)."""
+        return self.momentum_at(self.trainer.global_step)
 
     def extra_diagnostics(self) -> dict[str, torch.Tensor | float]:
         return {
@@ -108,12 +111,14 @@ class MomentumSSLTask(SSLTask):
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         # Once per real optimizer step: with gradient accumulation global_step only moves
-        # on the step that updated the weights.
+        # on the step that updated the weights. It has already moved past that step here,
+        # so the step just taken is global_step - 1: reading global_step itself would run
+        # the schedule one step late and make the last update a no-op (momentum 1).
         step = self.trainer.global_step
         if step == self._last_ema_step:
             return
         self._last_ema_step = step
-        momentum = self.current_momentum()
+        momentum = self.momentum_at(step - 1)
         for online, target in self.momentum_pairs():
             ema_update_(list(target.parameters()), list(online.parameters()), momentum)
         self.ema_init_share *= momentum

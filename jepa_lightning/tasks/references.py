@@ -6,19 +6,20 @@ Why offline: the online probe is trained by SGD alongside the encoder, so at ste
 learnt nothing and cannot say what random features are worth. Here a logistic regression
 is fitted on the labelled training scans' pooled features and scored (AUROC) on the
 labelled validation scans; effective rank and feature spread are taken on the validation
-embeddings, as ``val/effective_rank`` and ``val/feature_std`` are.
+embeddings, as ``val/rankme`` and the other collapse measures are.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset, default_collate
 
-from jepa_lightning.collapse import effective_rank, mean_feature_std
+from jepa_lightning.collapse import collapse_measures
 
 
 def _distributed() -> tuple[int, int]:
@@ -35,7 +36,12 @@ def _collate(samples: list) -> dict:
 
 @torch.no_grad()
 def pooled_image_features(
-    encoder: nn.Module, dataset, batch_size: int, device: torch.device, return_ids: bool = False
+    encoder: nn.Module,
+    dataset,
+    batch_size: int,
+    device: torch.device,
+    return_ids: bool = False,
+    pool: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, list[str]]:
     """Mean-pooled image-only encoder outputs ``[N, C]`` and labels ``[N]`` (NaN =
     unlabelled) of every scan of ``dataset`` (of each sequence's latest scan in sequence mode) (and their ``scan_id``s with ``return_ids``);
@@ -54,7 +60,8 @@ def pooled_image_features(
         if image.ndim == 6:  # a patient sequence [B, S, 1, D, H, W]: its latest scan
             image = image[:, -1]
         hidden = encoder(image.to(device), None, None)
-        feats.append(hidden.mean(1).float().cpu().numpy())
+        pooled = hidden.mean(1) if pool is None else pool(hidden)
+        feats.append(pooled.float().cpu().numpy())
         labels.append(batch["label"].float().cpu().numpy())
         ids += list(batch["scan_id"])
     encoder.train(was_training)
@@ -89,17 +96,25 @@ def offline_probe_auroc(
     return float(roc_auc_score(val_y[va].astype(int), model.predict_proba(val_z[va])[:, 1]))
 
 
-def encoder_references(encoder: nn.Module, datamodule, device: torch.device) -> dict[str, float]:
-    """``probe_auroc`` (offline, image-only), ``effective_rank`` and ``feature_std`` of the
-    encoder on the data module's train/val splits (set up by the trainer)."""
+def encoder_references(
+    encoder: nn.Module,
+    datamodule,
+    device: torch.device,
+    pool: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, float]:
+    """``probe_auroc`` (offline, image-only) and the collapse measures
+    (:func:`~jepa_lightning.collapse.collapse_measures`: ``rankme``, ``centred_rank``,
+    ``spread_share``, ``feature_std``) of the encoder on the data module's train/val splits
+    (set up by the trainer)."""
     batch = int(getattr(datamodule, "batch_size", 16))
-    val_z, val_y = pooled_image_features(encoder, datamodule.dataset("val"), batch, device)
-    out = {
-        "effective_rank": effective_rank(torch.from_numpy(val_z)),
-        "feature_std": mean_feature_std(torch.from_numpy(val_z)),
-    }
+    val_z, val_y = pooled_image_features(
+        encoder, datamodule.dataset("val"), batch, device, pool=pool
+    )
+    out = collapse_measures(torch.from_numpy(val_z))
     if np.isnan(val_y).all():
         return out
-    train_z, train_y = pooled_image_features(encoder, datamodule.dataset("train"), batch, device)
+    train_z, train_y = pooled_image_features(
+        encoder, datamodule.dataset("train"), batch, device, pool=pool
+    )
     out["probe_auroc"] = offline_probe_auroc(train_z, train_y, val_z, val_y)
     return out

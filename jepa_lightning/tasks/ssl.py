@@ -16,7 +16,7 @@ from torch import nn
 from torchmetrics import CatMetric, MeanMetric
 from torchmetrics.classification import BinaryAUROC
 
-from jepa_lightning.collapse import effective_rank, mean_feature_std
+from jepa_lightning.collapse import collapse_measures
 from jepa_lightning.losses import masked_bce_with_logits
 from jepa_lightning.masking import step_generator
 from jepa_lightning.tasks.base import BaseTask
@@ -35,7 +35,9 @@ class SSLTask(BaseTask):
     Online probes are fitted on the *detached* pooled features of the labelled scans (they
     never shape the backbone): ``val/probe_auroc`` (image features; what checkpoint
     selection uses) and, where a method provides image + EHR features, ``val/probe_auroc_joint``.
-    ``val/effective_rank`` and ``val/feature_std`` describe the validation embeddings.
+    ``val/rankme`` (uncentred, as RankMe is defined: catches a point collapse),
+    ``val/centred_rank`` (dimensional collapse), ``val/spread_share`` and ``val/feature_std``
+    describe the validation embeddings (:mod:`jepa_lightning.collapse`).
     Scalar entries of the loss dict are logged as ``train/<name>`` (on logger steps) and
     averaged over the validation epoch as ``val/<name>``; a subclass lists them in
     ``LOSS_KEYS``.
@@ -108,10 +110,13 @@ class SSLTask(BaseTask):
         }
 
     def probe_loss(self, out: dict, labels: torch.Tensor) -> torch.Tensor:
-        loss = masked_bce_with_logits(self.probe(out["pooled"].detach()).squeeze(-1), labels)
+        """The online probes' BCE over the labelled scans of the (global) batch."""
+        reduce = self.loss_reduce_sum()
+        logits = self.probe(out["pooled"].detach()).squeeze(-1)
+        loss = masked_bce_with_logits(logits, labels, reduce)
         if self.probe_joint is not None:
             joint = self.probe_joint(out["pooled_joint"].detach()).squeeze(-1)
-            loss = loss + masked_bce_with_logits(joint, labels)
+            loss = loss + masked_bce_with_logits(joint, labels, reduce)
         return loss
 
     def extra_diagnostics(self) -> dict[str, torch.Tensor | float]:
@@ -121,7 +126,8 @@ class SSLTask(BaseTask):
         return {}
 
     def training_step(self, batch: dict, batch_idx: int):
-        if not batch:  # every sample of the batch was skipped as bad input
+        batch = self.training_batch(batch)  # an all-skipped batch: see BaseTask.empty_batch
+        if batch is None:
             return None
         out = self.ssl_losses(batch, self._step_generator(batch, batch_idx))
         probe_loss = self.probe_loss(out, batch["label"])
@@ -147,7 +153,7 @@ class SSLTask(BaseTask):
         dm = getattr(self.trainer, "datamodule", None)
         if dm is None:
             return
-        values = encoder_references(self.evaluation_encoder(), dm, self.device)
+        values = encoder_references(self.evaluation_encoder(), dm, self.device, pool=self.pool)
         values = {f"{prefix}/{k}": v for k, v in values.items()}
         log.info("%s", ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
         self.reference_values = {**getattr(self, "reference_values", {}), **values}
@@ -193,8 +199,8 @@ class SSLTask(BaseTask):
         self.reset_probe_label_counts()
         if self.count_over_ranks(self.val_embeddings.update_count):
             z = self.val_embeddings.compute().reshape(-1, self.embed_dim)
-            self.log("val/effective_rank", effective_rank(z), sync_dist=True)
-            self.log("val/feature_std", mean_feature_std(z), sync_dist=True)
+            for name, value in collapse_measures(z).items():
+                self.log(f"val/{name}", value, sync_dist=True)
         self.val_embeddings.reset()
         for name, metric in self.val_losses.items():
             if self.count_over_ranks(metric.update_count):

@@ -25,7 +25,7 @@ from jepa_lightning.backbones.vit3d import gather_tokens
 from jepa_lightning.losses import latent_regression_loss
 from jepa_lightning.masking import SequenceMaskCollator
 from jepa_lightning.tasks.jepa import MASK_KEYS, MultimodalJEPA
-from jepa_lightning.tasks.longitudinal import SEQUENCE_KEYS
+from jepa_lightning.tasks.longitudinal import SEQUENCE_KEYS, empty_sequence_batch
 
 
 def latest_scan(batch: dict) -> dict:
@@ -81,8 +81,10 @@ class TemporalJEPA(MultimodalJEPA):
         share of patients that have an earlier scan."""
         has_prev = batch["scan_mask"][:, -2] if batch["scan_mask"].shape[1] > 1 else None
         zero = t["targets"].sum() * 0.0
-        if has_prev is None or not bool(has_prev.any()):
+        reduce = self.loss_reduce_sum()
+        if has_prev is None or (reduce is None and not bool(has_prev.any())):
             return zero, zero.detach()
+        # Under DDP a rank without a pair still runs (on zero rows) to join the loss's sums.
         rows = has_prev.nonzero().squeeze(1)
         n_img, n_ehr = self.encoder.num_patches, self.hparams.n_ehr_features
         use_ehr = self.hparams.use_ehr
@@ -103,15 +105,20 @@ class TemporalJEPA(MultimodalJEPA):
         targets = t["targets"][rows]
         kind = self.hparams.loss
         loss = latent_regression_loss(
-            pred_img, gather_tokens(targets[:, :n_img], tgt_img), kind=kind
+            pred_img, gather_tokens(targets[:, :n_img], tgt_img), kind=kind, reduce_sum=reduce
         )
         if tgt_ehr.shape[1]:
             observed = ~batch["ehr_missing"][rows, -1]
             target_ehr = gather_tokens(targets[:, n_img:], tgt_ehr)
             loss = loss + self.hparams.ehr_loss_weight * latent_regression_loss(
-                pred_ehr, target_ehr, observed, kind=kind
+                pred_ehr, target_ehr, observed, kind=kind, reduce_sum=reduce
             )
-        return loss, has_prev.float().mean().detach()
+        share = has_prev.float().mean() if len(has_prev) else zero
+        return loss + zero, share.detach()
+
+    def empty_batch(self) -> dict:
+        """A sequence batch of zero patients with empty masks."""
+        return empty_sequence_batch(super().empty_batch())
 
     def ssl_losses(
         self, batch: dict, generator: torch.Generator | None = None

@@ -64,7 +64,9 @@ class MAE(SSLTask):
         visible = self.encoder(image, image_keep=keep)
         pred = self.decoder(visible, keep)
         patches = patchify_3d(image, self.backbone.patch_size)
-        loss = mae_loss(pred, patches, masked, self.hparams.norm_pix_loss)
+        loss = mae_loss(
+            pred, patches, masked, self.hparams.norm_pix_loss, reduce_sum=self.loss_reduce_sum()
+        )
         with torch.no_grad():  # probe/collapse features: the full volume, as finetuning sees it
-            pooled = self.encoder(image).mean(1)
+            pooled = self.pool(self.encoder(image))
         return {"loss": loss, "pooled": pooled}

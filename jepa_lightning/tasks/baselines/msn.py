@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from jepa_lightning.backbones import EHRTokenizer
-from jepa_lightning.losses import msn_loss, prototype_probabilities, sharpen
+from jepa_lightning.losses import msn_loss, prototype_probabilities, sharpen, sinkhorn
 from jepa_lightning.masking import focal_masks, random_masks
 from jepa_lightning.tasks.momentum import MomentumSSLTask, frozen_copy
 
@@ -45,8 +45,12 @@ class MSN(MomentumSSLTask):
     flips) go through the encoder, mean-pooled, then the projector; the target view (the
     whole volume) through the EMA target encoder and EMA projector. Both are softly
     assigned to learned prototypes (cosine / ``temperature``); the target assignment is
-    sharpened (``sharpen_temperature``) and the anchors are trained to match it, with the
-    mean-entropy maximisation regulariser (``me_max_weight``) keeping every prototype used.
+    sharpened (``sharpen_temperature``), balanced over the prototypes by Sinkhorn-Knopp
+    (``sinkhorn_iters``, as MSN's published configuration does), and the anchors are trained
+    to match it, with the mean-entropy maximisation regulariser (``me_max_weight``) keeping
+    every prototype used. Under DDP the mean prediction and the Sinkhorn marginals are the
+    global batch's (:mod:`jepa_lightning.distributed`). The prototypes are learned and get no
+    weight decay (MSN excludes them).
 
     MSN+EHR (``use_ehr: true``): an EHR embedding (an :class:`EHRTokenizer`, mean-pooled
     over features) is concatenated with each anchor embedding and projected back to the
@@ -66,6 +70,7 @@ class MSN(MomentumSSLTask):
         temperature: anchor (and target, before sharpening) softmax temperature.
         sharpen_temperature: target sharpening, ``p ** (1/T)`` renormalised.
         me_max_weight: weight of the mean-entropy maximisation regulariser.
+        sinkhorn_iters: Sinkhorn-Knopp rounds on the sharpened targets (MSN: 3; 0 = off).
         ema_momentum_start: EMA start momentum (MSN: 0.996; ``auto`` as in JEPA).
         **kwargs: ``ema_momentum_end`` (:class:`MomentumSSLTask`), ``reference_metrics``
             (:class:`SSLTask`), the backbone and the optimizer (:class:`BaseTask`).
@@ -87,12 +92,15 @@ class MSN(MomentumSSLTask):
         temperature: float = 0.1,
         sharpen_temperature: float = 0.25,
         me_max_weight: float = 1.0,
+        sinkhorn_iters: int = 3,
         ema_momentum_start: float | Literal["auto"] = 0.996,
         **kwargs,
     ):
         super().__init__(ema_momentum_start=ema_momentum_start, **kwargs)
         if n_random_views + n_focal_views < 1:
             raise ValueError("MSN needs at least one anchor view: n_random_views + n_focal_views")
+        if sinkhorn_iters < 0:
+            raise ValueError(f"sinkhorn_iters must be >= 0, got {sinkhorn_iters}")
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
         embed_dim, n_ehr_features = self.embed_dim, self.hparams.n_ehr_features
@@ -146,16 +154,22 @@ class MSN(MomentumSSLTask):
         self, batch: dict, generator: torch.Generator | None = None
     ) -> dict[str, torch.Tensor]:
         h = self.hparams
+        reduce = self.loss_reduce_sum()
         with torch.no_grad():
-            pooled = self.target_encoder(batch["image"]).mean(1)
+            target_tokens = self.target_encoder(batch["image"])
+            pooled = self.pool(target_tokens)  # what the probes read
             target_probs = sharpen(
                 prototype_probabilities(
-                    self.target_projector(pooled), self.prototypes.detach(), h.temperature
+                    self.target_projector(target_tokens.mean(1)),
+                    self.prototypes.detach(),
+                    h.temperature,
                 ),
                 h.sharpen_temperature,
             )
+            if h.sinkhorn_iters:
+                target_probs = sinkhorn(target_probs, h.sinkhorn_iters, reduce)
         anchor_probs = prototype_probabilities(
             self.projector(self.anchor_embeddings(batch, generator)), self.prototypes, h.temperature
         )
-        loss, ce, mean_entropy = msn_loss(anchor_probs, target_probs, h.me_max_weight)
+        loss, ce, mean_entropy = msn_loss(anchor_probs, target_probs, h.me_max_weight, reduce)
         return {"loss": loss, "loss_ce": ce, "mean_entropy": mean_entropy, "pooled": pooled}
