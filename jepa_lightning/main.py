@@ -8,6 +8,7 @@ A LightningCLI in subclass mode: ``model`` is any task (``MultimodalJEPA``,
 
 from __future__ import annotations
 
+import logging
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -187,10 +188,25 @@ def main(argv: list[str] | None = None) -> JEPALightningCLI:
     )
 
 
+def show_info_messages() -> None:
+    """Print this package's INFO messages on stderr, as Lightning prints its own: what
+    ``init_from`` loaded, the optimizer and EMA schedules, the reference probes. Python's
+    default (no handler, WARNING) would hide them. Leaves a logging setup the user made alone."""
+    logger = logging.getLogger("jepa_lightning")
+    if logger.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def cli_main() -> None:
     """The console entry point (``python -m jepa_lightning``, ``jepa-lightning``): user
     errors (bad manifest, checkpoint mismatch, missing file) print one ``error:`` line and
-    exit 1 instead of a traceback; ``main`` raises them for tests and notebooks."""
+    exit 1 instead of a traceback; ``main`` raises them for tests and notebooks. INFO
+    messages are shown (:func:`show_info_messages`)."""
+    show_info_messages()
     run_reporting_user_errors(main)
 
 

@@ -126,7 +126,11 @@ def load_pretrained_encoder(
             f"(checkpoint vs this model: {differing}); set {hint}"
         )
     weights, source = encoder_weights(ckpt, path, encoder)
-    log.info("init_from %s: loading its '%s.*' weights", path, source)
+    log.info(
+        "init_from %s: loaded %d tensors of its %s (%s, trained %s steps)",
+        path, len(weights), source, ckpt.get("hyper_parameters", {}).get("_class_path", "a task"),
+        ckpt.get("global_step", "?"),
+    )  # fmt: skip
     return weights, data_state(ckpt)
 
 

@@ -280,3 +280,17 @@ def test_resumed_finetune_does_not_need_the_pretraining_file(pretrained, tiny_co
     resumed = _fit(FINETUNE, run, tiny_cohort, "--trainer.max_epochs=2", f"--model.init_args.init_from={ckpt}",
                    "--ckpt_path=last")  # fmt: skip
     assert resumed.trainer.global_step == 2 * first.trainer.global_step
+
+
+def test_the_console_entry_point_shows_info_messages():
+    """``init_from``'s "loaded ..." line and the schedules are INFO messages: the console
+    entry point prints them (Python's default would hide them), in a fresh process."""
+    import subprocess
+    import sys
+
+    code = (
+        "import logging; from jepa_lightning.main import show_info_messages; "
+        "show_info_messages(); logging.getLogger('jepa_lightning.pretrained').info('loaded')"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "INFO jepa_lightning.pretrained: loaded" in proc.stderr

@@ -273,7 +273,7 @@ def test_quickstart_study_scores_its_saved_predictions(tiny_cohort, tmp_path, mo
     text = (out / "results.md").read_text()
     assert "| jepa / finetune | supervised / scratch | 100 % | internal | AUROC |" in text
     health = re.search(r"Pretraining jepa \(last\.ckpt\): image-only RankMe min "
-                       r"(\d+\.\d{3}) of width 96 .* collapse: (none|point collapse|"
+                       r"(\d+\.\d{3}) of width 96 .*\(collapse: (none|point collapse|"
                        r"dimensional collapse|unknown)\)", text)  # fmt: skip
     assert health, text
     capsys.readouterr()
