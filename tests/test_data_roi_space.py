@@ -153,3 +153,21 @@ def test_validate_decode_reports_air_and_outside_the_body(export, capsys):
                      "in lung parenchyma; a nodule centre is usually above -500 HU", text)  # fmt: skip
     assert "lung parenchyma" in text and "scan_id='ok'" not in text
     assert np.isfinite(scan_ok).all()
+
+
+def test_a_cohort_written_before_roi_space_loads_through_the_cli_default(cohort_copy):
+    """A synthetic cohort generated before the ``roi_space`` column existed: its data module
+    declares the generator's space even when the CLI passes ``roi_space=None`` explicitly
+    (a YAML that leaves the key out), instead of refusing every row."""
+    import pandas as pd
+
+    from data_modules.synthetic import SyntheticCohortDataModule
+    from tests.conftest import TINY
+
+    manifest = cohort_copy / "manifest.parquet"
+    pd.read_parquet(manifest).drop(columns=["roi_space"], errors="ignore").to_parquet(manifest)
+    dm = SyntheticCohortDataModule(
+        root=str(cohort_copy), **TINY, image_size=16, batch_size=4, num_workers=0, roi_space=None
+    )
+    dm.setup("fit")
+    assert len(dm.dataset("train")) > 0

@@ -61,7 +61,8 @@ class LIDCCohortDataModule(CTEHRDataModule):
         # The loader / preprocessing / label-fraction arguments are CTEHRDataModule's own
         # (jsonargparse reads them through this call, so the CLI and YAML accept them).
         reject_fixed(kwargs, CTEHRDataModule, "LIDC")
-        kwargs.setdefault("roi_space", "ras_mm")  # the generator writes world RAS mm
+        if kwargs.get("roi_space") is None:  # the CLI passes None when a YAML leaves it out
+            kwargs["roi_space"] = "ras_mm"  # the generator writes world RAS mm
         super().__init__(manifest=str(Path(root) / "manifest.parquet"), **kwargs)
 
     @property
