@@ -81,7 +81,7 @@ def masked_bce_with_logits(
     per = F.binary_cross_entropy_with_logits(
         logits.float(), torch.where(labelled, labels, 0.0).float(), reduction="none"
     )
-    return weighted_mean(per, labelled, reduce_sum) + logits.sum() * 0.0
+    return weighted_mean(per, labelled, reduce_sum)
 
 
 def variance_hinge(
