@@ -114,7 +114,7 @@ class TemporalJEPA(MultimodalJEPA):
                 pred_ehr, target_ehr, observed, kind=kind, reduce_sum=reduce
             )
         share = has_prev.float().mean() if len(has_prev) else zero
-        return loss + zero, share.detach()
+        return loss, share.detach()
 
     def empty_batch(self) -> dict:
         """A sequence batch of zero patients with empty masks."""
