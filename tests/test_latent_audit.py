@@ -90,3 +90,32 @@ def test_pooling_probe_scores_every_pooling_on_validation_scans(tmp_path, tiny_c
     assert table["auroc"].between(-1, 1).all() and (table["ci_low"] <= table["ci_high"]).all()
     delta = table.set_index("pooling")["auroc"]
     assert delta["center - mean"] == pytest.approx(delta["center"] - delta["mean"])
+
+
+def test_pooling_probe_of_a_checkpoint_equal_to_its_random_init_reads_no_gain(
+    tmp_path, tiny_cohort
+):
+    """``--ckpt``: a pretraining that changed nothing adds exactly nothing, per pooling; other
+    weights read differently."""
+    from jepa_lightning.evaluation.pooling_probe import main as pooling_probe
+
+    torch.manual_seed(0)
+    same, _ = _files(tmp_path, tiny_cohort, MultimodalJEPA(**SMALL))
+    torch.manual_seed(5)
+    other = tmp_path / "other"
+    other.mkdir()
+    changed, _ = _files(other, tiny_cohort, MultimodalJEPA(**SMALL))
+    data = tmp_path / "data.yaml"
+    data.write_text(yaml.safe_dump({"data": {
+        "class_path": "data_modules.synthetic.SyntheticCohortDataModule",
+        "init_args": {"root": str(tiny_cohort), **TINY, "num_workers": 0},
+    }}))  # fmt: skip
+    args = ["--data", str(data), "--seeds", "0", "--n-resamples", "50", "--ckpt", same, changed]
+    table = pooling_probe(args).set_index(["checkpoint", "pooling"])
+    assert set(table.index.get_level_values("pooling")) == {"mean", "center"}
+    for pooling in ("mean", "center"):
+        row = table.loc[(same, pooling)]
+        assert row["delta"] == 0 and row["delta_low"] == row["delta_high"] == 0
+        assert row["auroc"] == row["random_init"] and row["encoder"] == "target_encoder"
+    # other weights, other probabilities: the paired bootstrap no longer reads exactly 0
+    assert (table.loc[changed, "delta_low"] < table.loc[changed, "delta_high"]).all()

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import jepa_lightning.masking as masking
+from jepa_lightning.backbones.pooling import center_token_indices
 from jepa_lightning.masking import (
     block_indices,
     ehr_token_masks,
@@ -265,3 +266,29 @@ def test_ehr_token_masks_ratio_and_variety():
     assert min(counts) >= round(0.3 * n_features) and max(counts) <= round(0.6 * n_features)
     assert len(counts) > 1  # the ratio is drawn, not fixed
     assert len(rows) > 100  # the split is random per sample
+
+
+def test_lesion_aware_masks_cover_part_of_the_lesion_and_keep_the_rest_in_context():
+    grid = (4, 4, 4)
+    lesion = center_token_indices(grid, 2)
+    targets, context = multiblock_masks(64, grid, _gen(5), scale=(0.1, 0.15), lesion=lesion)
+    for tgt, ctx in zip(targets, context, strict=True):
+        assert set(tgt.tolist()) & set(lesion.tolist())
+        uncovered = set(lesion.tolist()) - set(tgt.tolist())
+        assert uncovered and uncovered <= set(ctx.tolist())  # every uncovered lesion patch kept
+        assert not set(tgt.tolist()) & set(ctx.tolist())
+
+
+def test_uniform_masks_often_miss_the_lesion_lesion_aware_never():
+    """The reason for the option: uniform blocks leave the lesion out of the targets or out of
+    the context in a sizeable share of samples."""
+    grid, lesion = (4, 4, 4), center_token_indices((4, 4, 4), 2)
+
+    def missed(**kw):
+        targets, context = multiblock_masks(256, grid, _gen(7), scale=(0.1, 0.15), **kw)
+        hit_t = torch.isin(targets, lesion).any(1)
+        hit_c = torch.isin(context, lesion).any(1)
+        return (~(hit_t & hit_c)).float().mean().item()
+
+    assert missed() > 0.1
+    assert missed(lesion=lesion) == 0.0

@@ -11,6 +11,14 @@ probabilities are averaged over the seeds; the AUROC of each pooling and the dif
 
     python -m jepa_lightning.evaluation.pooling_probe --data experiments/lidc/data.yaml \\
         --patch 8 4 --seeds 0 1 2
+
+With ``--ckpt`` it asks whether a pretraining adds to a random encoder when both are read
+the same way: each checkpoint's encoder (the EMA target where the method has one) against
+random inits of the same architecture (probabilities averaged over ``--seeds``), with the
+paired patient-bootstrap CI of the difference, per pooling:
+
+    python -m jepa_lightning.evaluation.pooling_probe --data experiments/lidc/data.yaml \\
+        --ckpt runs/lidc-jepa/checkpoints/last.ckpt
 """
 
 from __future__ import annotations
@@ -53,9 +61,65 @@ def image_tokens(encoder, dataset, batch_size: int = 64):
     return torch.cat(tokens), torch.cat(labels).numpy(), patients
 
 
+def probe_by_pooling(encoder, dm, center_size: int) -> tuple[dict, np.ndarray, list]:
+    """Validation probabilities of a logistic-regression probe per pooling (fitted on the
+    labelled training scans), the validation labels and patient ids (labelled scans)."""
+    from jepa_lightning.evaluation.latent_audit import probe_probabilities
+
+    tr, ytr, _ = image_tokens(encoder, dm.dataset("train"))
+    va, yva, pva = image_tokens(encoder, dm.dataset("val"))
+    lab_tr, lab_va = ~np.isnan(ytr), ~np.isnan(yva)
+    probs = {}
+    for pooling in POOLINGS:
+        ztr = pool_tokens(tr, tr.shape[1], encoder.grid, pooling, center_size).numpy()
+        zva = pool_tokens(va, va.shape[1], encoder.grid, pooling, center_size).numpy()
+        probs[pooling] = probe_probabilities(ztr[lab_tr], ytr[lab_tr], zva[lab_va])
+    patients = [p for p, keep in zip(pva, lab_va, strict=True) if keep]
+    return probs, yva[lab_va].astype(int), patients
+
+
+def run_checkpoints(
+    data: str, ckpts: list[str], seeds: list[int], center_size: int, n_resamples: int
+) -> pd.DataFrame:
+    """Each checkpoint's encoder against random inits of its architecture, per pooling."""
+    from jepa_lightning.backbones.presets import ARCHITECTURE_FIELDS
+    from jepa_lightning.evaluation import stats
+    from jepa_lightning.pretrained import checkpoint_architecture, encoder_from_checkpoint
+
+    dm = build_datamodule(data)
+    dm.setup("fit")
+    rows = []
+    for ckpt in ckpts:
+        encoder, hparams, _, source = encoder_from_checkpoint(ckpt, "auto", "probed checkpoint")
+        trained, label, patients = probe_by_pooling(encoder, dm, center_size)
+        arch = checkpoint_architecture(hparams, ckpt)
+        backbone = {k: arch[k] for k in ARCHITECTURE_FIELDS}
+        random: dict[str, list[np.ndarray]] = {p: [] for p in POOLINGS}
+        for seed in seeds:
+            torch.manual_seed(seed)
+            init = MultimodalEncoder.from_backbone(  # as the task inits its encoder
+                arch["image_size"], arch["n_ehr_features"], backbone, False,
+                bool(hparams.get("residual_rescale", False)),
+            ).eval()  # fmt: skip
+            for pooling, probs in probe_by_pooling(init, dm, center_size)[0].items():
+                random[pooling].append(probs)
+        resamples = stats.patient_bootstrap(patients, n_resamples, seed=0)
+        for pooling in POOLINGS:
+            both = np.stack([trained[pooling], np.mean(random[pooling], axis=0)], axis=1)
+            dist = stats.bootstrap_distribution("auroc", both, label, resamples)
+            auroc = [stats.metric("auroc", both[:, i], label) for i in range(2)]
+            lo, hi = stats.percentile_ci(dist[:, 0])
+            d_lo, d_hi = stats.percentile_ci(dist[:, 0] - dist[:, 1])
+            rows.append(
+                {"checkpoint": ckpt, "encoder": source, "pooling": pooling, "auroc": auroc[0],
+                 "ci_low": lo, "ci_high": hi, "random_init": auroc[1], "delta": auroc[0] - auroc[1],
+                 "delta_low": d_lo, "delta_high": d_hi, "n_val": len(label)}
+            )  # fmt: skip
+    return pd.DataFrame(rows)
+
+
 def run(data: str, patches: list[int], seeds: list[int], center_size: int, n_resamples: int):
     from jepa_lightning.evaluation import stats
-    from jepa_lightning.evaluation.latent_audit import probe_probabilities
 
     dm = build_datamodule(data)
     dm.setup("fit")
@@ -67,15 +131,9 @@ def run(data: str, patches: list[int], seeds: list[int], center_size: int, n_res
             torch.manual_seed(seed)
             backbone = as_backbone({"preset": "micro", "patch_size": patch})
             encoder = MultimodalEncoder.from_backbone(size, dm.n_ehr_features, backbone).eval()
-            tr, ytr, _ = image_tokens(encoder, dm.dataset("train"))
-            va, yva, pva = image_tokens(encoder, dm.dataset("val"))
-            lab_tr, lab_va = ~np.isnan(ytr), ~np.isnan(yva)
-            for pooling in POOLINGS:
-                ztr = pool_tokens(tr, tr.shape[1], encoder.grid, pooling, center_size).numpy()
-                zva = pool_tokens(va, va.shape[1], encoder.grid, pooling, center_size).numpy()
-                probs[pooling].append(probe_probabilities(ztr[lab_tr], ytr[lab_tr], zva[lab_va]))
-        label = yva[lab_va].astype(int)
-        patients = [p for p, keep in zip(pva, lab_va, strict=True) if keep]
+            by_pooling, label, patients = probe_by_pooling(encoder, dm, center_size)
+            for pooling, p in by_pooling.items():
+                probs[pooling].append(p)
         mean_probs = np.stack([np.mean(probs[p], axis=0) for p in POOLINGS], axis=1)
         resamples = stats.patient_bootstrap(patients, n_resamples, seed=0)
         dist = stats.bootstrap_distribution("auroc", mean_probs, label, resamples)
@@ -103,8 +161,14 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--center-size", type=int, default=2)
     parser.add_argument("--n-resamples", type=int, default=1000)
+    parser.add_argument(
+        "--ckpt", nargs="+", help="pretraining checkpoints to probe against random inits"
+    )
     ns = parser.parse_args(argv)
-    table = run(ns.data, ns.patch, ns.seeds, ns.center_size, ns.n_resamples)
+    if ns.ckpt:
+        table = run_checkpoints(ns.data, ns.ckpt, ns.seeds, ns.center_size, ns.n_resamples)
+    else:
+        table = run(ns.data, ns.patch, ns.seeds, ns.center_size, ns.n_resamples)
     print(table.round(3).to_string(index=False, na_rep=""))
     return table
 

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from jepa_lightning.backbones import JEPAPredictor
+from jepa_lightning.backbones.pooling import center_token_indices
 from jepa_lightning.backbones.vit3d import gather_tokens
 from jepa_lightning.distributed import all_reduce_sum
 from jepa_lightning.losses import (
@@ -55,6 +56,11 @@ class MultimodalJEPA(MomentumSSLTask):
         ehr_mask_ratio: share of EHR tokens that are targets in joint batches.
         p_image_only / p_ehr_only: probability that a batch drops the EHR (image -> EHR) or
             the image (EHR -> image) from the context.
+        lesion_masking: lesion-aware target blocks: every sample's blocks cover part of the
+            ``pool_center_size``³ patches at the crop centre and its context keeps the rest
+            (:func:`~jepa_lightning.masking.multiblock_masks`). That is where an ROI-centred
+            crop puts the lesion (``preprocess.crop_size`` with ``roi_x/y/z``, or files cut
+            around it as LIDC's are); an archive without ROIs has no lesion there: leave it off.
         target_mode: ``per_modality`` (image targets from the target encoder on the image
             alone, EHR targets on the EHR alone) or ``joint`` (one pass over both, the
             original form: image targets then carry EHR content).
@@ -110,6 +116,7 @@ class MultimodalJEPA(MomentumSSLTask):
         ehr_mask_ratio: tuple[float, float] = (0.3, 0.6),
         p_image_only: float = 0.2,
         p_ehr_only: float = 0.2,
+        lesion_masking: bool = False,
         target_mode: Literal["per_modality", "joint"] = "per_modality",
         target_centering: bool = True,
         target_center_momentum: float = 0.99,
@@ -166,8 +173,15 @@ class MultimodalJEPA(MomentumSSLTask):
             p_image_only=h.p_image_only,
             p_ehr_only=h.p_ehr_only,
             use_ehr=h.use_ehr,
+            lesion=self.lesion_patches() if h.get("lesion_masking", False) else None,
             rank=self.global_rank,
         )
+
+    def lesion_patches(self) -> tuple[int, ...]:
+        """The patches lesion-aware masks treat as the lesion: the ones ``pooling: center``
+        reads."""
+        size = self.hparams.get("pool_center_size", 2)
+        return tuple(center_token_indices(self.encoder.grid, size).tolist())
 
     def collate_hook(self) -> JEPAMaskCollator:
         """What the data module's loaders apply to each batch (installed by
