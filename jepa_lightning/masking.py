@@ -152,14 +152,29 @@ def ehr_token_masks(
     n_features: int,
     generator: torch.Generator,
     ratio: tuple[float, float] = (0.3, 0.6),
+    group_size: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """EHR ``(targets [B, Te], context [B, F - Te])``: a random disjoint split per sample, one
-    target count per batch."""
-    n_tgt = max(1, min(n_features - 1, round(_uniform(*ratio, generator) * n_features)))
-    perms = torch.stack(
-        [torch.randperm(n_features, generator=generator) for _ in range(batch_size)]
-    )
-    return perms[:, :n_tgt].sort(1).values, perms[:, n_tgt:].sort(1).values
+    target count per batch.
+
+    ``group_size`` > 1 splits consecutive groups of that many features (e.g. the four
+    readers' ratings of one attribute) instead of single features, so a masked value cannot
+    be read off its group's other members in the context."""
+    if group_size < 1 or n_features % group_size:
+        raise ValueError(
+            f"the EHR group size ({group_size}) must divide the number of EHR features "
+            f"({n_features})"
+        )
+    n_groups = n_features // group_size
+    n_tgt = max(1, min(n_groups - 1, round(_uniform(*ratio, generator) * n_groups)))
+    perms = torch.stack([torch.randperm(n_groups, generator=generator) for _ in range(batch_size)])
+    members = torch.arange(group_size)
+
+    def expand(groups: torch.Tensor) -> torch.Tensor:
+        index = groups.sort(1).values.unsqueeze(-1) * group_size + members
+        return index.reshape(batch_size, -1)
+
+    return expand(perms[:, :n_tgt]), expand(perms[:, n_tgt:])
 
 
 def _distributed_rank() -> int:
@@ -191,6 +206,7 @@ class JEPAMaskCollator:
     block_aspect: tuple[float, float] = (0.75, 1.5)
     block_z_scale: tuple[float, float] = (0.75, 1.5)
     ehr_mask_ratio: tuple[float, float] = (0.3, 0.6)
+    ehr_mask_group_size: int = 1
     p_image_only: float = 0.2
     p_ehr_only: float = 0.2
     min_context: int = 4
@@ -259,7 +275,7 @@ class JEPAMaskCollator:
             tgt_ehr, ctx_ehr = empty, empty
         elif mode == "joint":
             tgt_ehr, ctx_ehr = ehr_token_masks(
-                batch_size, self.n_ehr_features, g, self.ehr_mask_ratio
+                batch_size, self.n_ehr_features, g, self.ehr_mask_ratio, self.ehr_mask_group_size
             )
         elif mode == "image_to_ehr":
             tgt_ehr, ctx_ehr = all_ehr, empty

@@ -279,6 +279,12 @@ def test_unknown_target_mode_is_refused():
         _task(target_mode="both")
 
 
+def test_an_ehr_group_size_that_does_not_divide_the_features_is_refused_at_init():
+    n = _task().hparams.n_ehr_features
+    with pytest.raises(ValueError, match="ehr_mask_group_size"):
+        _task(ehr_mask_group_size=n + 1)
+
+
 # ------------------------------------------------------------------------------ schedules
 
 

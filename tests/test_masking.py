@@ -268,6 +268,28 @@ def test_ehr_token_masks_ratio_and_variety():
     assert len(rows) > 100  # the split is random per sample
 
 
+def test_ehr_groups_are_masked_whole():
+    """One attribute's readers (consecutive groups) are all target or all context."""
+    tgt, ctx = ehr_token_masks(16, 36, _gen(3), ratio=(0.3, 0.6), group_size=4)
+    assert tgt.shape[1] % 4 == 0 and tgt.shape[1] + ctx.shape[1] == 36
+    for t, c in zip(tgt, ctx, strict=True):
+        assert torch.equal(torch.cat([t, c]).sort().values, torch.arange(36))
+        groups_t, groups_c = set((t // 4).tolist()), set((c // 4).tolist())
+        assert not groups_t & groups_c
+        assert all((t // 4 == g).sum() == 4 for g in groups_t)
+
+
+def test_ehr_group_size_one_draws_what_single_features_drew():
+    a = ehr_token_masks(4, 12, _gen(1), group_size=1)
+    b = ehr_token_masks(4, 12, _gen(1))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_ehr_group_size_must_divide_the_features():
+    with pytest.raises(ValueError, match="must divide"):
+        ehr_token_masks(2, 10, _gen(0), group_size=4)
+
+
 def test_lesion_aware_masks_cover_part_of_the_lesion_and_keep_the_rest_in_context():
     grid = (4, 4, 4)
     lesion = center_token_indices(grid, 2)

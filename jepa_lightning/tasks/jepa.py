@@ -54,6 +54,9 @@ class MultimodalJEPA(MomentumSSLTask):
         n_blocks / block_scale / block_aspect / block_z_scale: 3-D target blocks (scale is
             the share of patches per block; z gets its own stretch).
         ehr_mask_ratio: share of EHR tokens that are targets in joint batches.
+        ehr_mask_group_size: EHR features masked together in consecutive groups of this many
+            (4 on LIDC: one attribute's four readers), so a masked rating is not read off
+            another reader's rating of the same attribute; must divide the feature count.
         p_image_only / p_ehr_only: probability that a batch drops the EHR (image -> EHR) or
             the image (EHR -> image) from the context.
         lesion_masking: lesion-aware target blocks: every sample's blocks cover part of the
@@ -114,6 +117,7 @@ class MultimodalJEPA(MomentumSSLTask):
         block_aspect: tuple[float, float] = (0.75, 1.5),
         block_z_scale: tuple[float, float] = (0.75, 1.5),
         ehr_mask_ratio: tuple[float, float] = (0.3, 0.6),
+        ehr_mask_group_size: int = 1,
         p_image_only: float = 0.2,
         p_ehr_only: float = 0.2,
         lesion_masking: bool = False,
@@ -137,6 +141,12 @@ class MultimodalJEPA(MomentumSSLTask):
             raise ValueError(f"sigreg_input must be 'full' or 'context', got {sigreg_input!r}")
         if target_mode not in ("per_modality", "joint"):
             raise ValueError(f"target_mode must be 'per_modality' or 'joint', got {target_mode!r}")
+        n_ehr = self.hparams.n_ehr_features
+        if use_ehr and (ehr_mask_group_size < 1 or n_ehr % ehr_mask_group_size):
+            raise ValueError(
+                f"model.init_args.ehr_mask_group_size={ehr_mask_group_size} must divide the "
+                f"{n_ehr} EHR features (consecutive groups are masked together)"
+            )
         self.encoder = self.build_encoder(residual_rescale)
         self.target_encoder = frozen_copy(self.encoder)
         self.predictor = JEPAPredictor(
@@ -170,6 +180,7 @@ class MultimodalJEPA(MomentumSSLTask):
             block_aspect=tuple(h.block_aspect),
             block_z_scale=tuple(h.block_z_scale),
             ehr_mask_ratio=tuple(h.ehr_mask_ratio),
+            ehr_mask_group_size=h.get("ehr_mask_group_size", 1),
             p_image_only=h.p_image_only,
             p_ehr_only=h.p_ehr_only,
             use_ehr=h.use_ehr,
