@@ -27,6 +27,7 @@ PRETRAIN = {
     "msn": ("target_encoder", "image"),
     "msn_ehr": ("target_encoder", "image"),
     "clip": ("encoder", "image+ehr"),
+    "jepa_contrastive": ("target_encoder", "image+ehr"),
 }
 
 

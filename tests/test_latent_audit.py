@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import lightning
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
 
+from data_modules.synthetic import SyntheticCohortDataModule
 from jepa_lightning.evaluation.latent_audit import IMAGE_FACTORS, main, ridge_r2, run
 from jepa_lightning.tasks import MultimodalJEPA
 from tests.conftest import TINY
@@ -119,3 +121,45 @@ def test_pooling_probe_of_a_checkpoint_equal_to_its_random_init_reads_no_gain(
         assert row["auroc"] == row["random_init"] and row["encoder"] == "target_encoder"
     # other weights, other probabilities: the paired bootstrap no longer reads exactly 0
     assert (table.loc[changed, "delta_low"] < table.loc[changed, "delta_high"]).all()
+
+
+class CohortWithNodules(SyntheticCohortDataModule):
+    """A synthetic cohort that lists its lesions the way LIDC's data module does."""
+
+    def nodules(self) -> pd.DataFrame:
+        latents = self.latents()
+        r, density, spiculation = (
+            latents["radius_mm"],
+            latents["density_hu"],
+            latents["spiculation"],
+        )
+        return latents.assign(
+            consensus_volume_mm3=4 / 3 * np.pi * r**3, diameter_mm=2 * r, subtlety_median=r,
+            texture_median=density, calcification_median=density,
+            spiculation_median=spiculation, margin_median=spiculation,
+        )  # fmt: skip
+
+
+def test_pooling_probe_audits_the_lesion_where_the_data_lists_its_lesions(
+    tmp_path, tiny_cohort, capsys
+):
+    from jepa_lightning.evaluation.pooling_probe import LESION_FACTS
+    from jepa_lightning.evaluation.pooling_probe import main as pooling_probe
+
+    torch.manual_seed(0)
+    ckpt, _ = _files(tmp_path, tiny_cohort, MultimodalJEPA(**SMALL))
+    data = tmp_path / "data.yaml"
+    data.write_text(yaml.safe_dump({"data": {
+        "class_path": "tests.test_latent_audit.CohortWithNodules",
+        "init_args": {"root": str(tiny_cohort), **TINY, "num_workers": 0},
+    }}))  # fmt: skip
+    table = pooling_probe(
+        ["--data", str(data), "--seeds", "0", "--n-resamples", "20", "--ckpt", ckpt]
+    )
+    audit = table.attrs["lesion_audit"].set_index("encoder")
+    assert {f"center/{f}" for f in LESION_FACTS} <= set(audit.columns)
+    # the checkpoint is the seed-0 random init: the audit reads the same R² for both
+    cols = [c for c in audit.columns if "/" in c]
+    assert np.allclose(audit.loc["pretrained", cols].astype(float),
+                       audit.loc["random init (mean)", cols].astype(float), equal_nan=True)  # fmt: skip
+    assert "lesion audit" in capsys.readouterr().out

@@ -15,7 +15,10 @@ probabilities are averaged over the seeds; the AUROC of each pooling and the dif
 With ``--ckpt`` it asks whether a pretraining adds to a random encoder when both are read
 the same way: each checkpoint's encoder (the EMA target where the method has one) against
 random inits of the same architecture (probabilities averaged over ``--seeds``), with the
-paired patient-bootstrap CI of the difference, per pooling:
+paired patient-bootstrap CI of the difference, per pooling. Where the data module lists its
+lesions (LIDC's ``nodules()``), a lesion audit follows: the validation R² of ridge
+regressions of the nodule's log-volume, diameter and median ratings on each pooling's
+features, pretrained against random init:
 
     python -m jepa_lightning.evaluation.pooling_probe --data experiments/lidc/data.yaml \\
         --ckpt runs/lidc-jepa/checkpoints/last.ckpt
@@ -47,35 +50,75 @@ def build_datamodule(path: str):
 
 @torch.no_grad()
 def image_tokens(encoder, dataset, batch_size: int = 64):
-    """Image-only encoder tokens ``[N, T, C]``, labels and patient ids of a dataset."""
+    """Image-only encoder tokens ``[N, T, C]``, labels, patient ids and scan ids of a
+    dataset."""
     from torch.utils.data import DataLoader
 
     from jepa_lightning.tasks.references import _collate
 
-    tokens, labels, patients = [], [], []
+    tokens, labels, patients, scans = [], [], [], []
     for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=_collate):
         if batch:
             tokens.append(encoder(batch["image"], None, None))
             labels.append(batch["label"].float())
             patients += list(batch["patient_id"])
-    return torch.cat(tokens), torch.cat(labels).numpy(), patients
+            scans += list(batch["scan_id"])
+    return torch.cat(tokens), torch.cat(labels).numpy(), patients, scans
 
 
-def probe_by_pooling(encoder, dm, center_size: int) -> tuple[dict, np.ndarray, list]:
+def pooled_splits(encoder, dm, center_size: int) -> dict:
+    """``{split: (features per pooling, labels, patient ids, scan ids)}`` for train and val."""
+    out = {}
+    for split in ("train", "val"):
+        tokens, labels, patients, scans = image_tokens(encoder, dm.dataset(split))
+        pooled = {
+            p: pool_tokens(tokens, tokens.shape[1], encoder.grid, p, center_size).numpy()
+            for p in POOLINGS
+        }
+        out[split] = (pooled, labels, patients, scans)
+    return out
+
+
+def probe_by_pooling(features: dict) -> tuple[dict, np.ndarray, list]:
     """Validation probabilities of a logistic-regression probe per pooling (fitted on the
     labelled training scans), the validation labels and patient ids (labelled scans)."""
     from jepa_lightning.evaluation.latent_audit import probe_probabilities
 
-    tr, ytr, _ = image_tokens(encoder, dm.dataset("train"))
-    va, yva, pva = image_tokens(encoder, dm.dataset("val"))
+    ztr, ytr, _, _ = features["train"]
+    zva, yva, pva, _ = features["val"]
     lab_tr, lab_va = ~np.isnan(ytr), ~np.isnan(yva)
-    probs = {}
-    for pooling in POOLINGS:
-        ztr = pool_tokens(tr, tr.shape[1], encoder.grid, pooling, center_size).numpy()
-        zva = pool_tokens(va, va.shape[1], encoder.grid, pooling, center_size).numpy()
-        probs[pooling] = probe_probabilities(ztr[lab_tr], ytr[lab_tr], zva[lab_va])
+    probs = {p: probe_probabilities(ztr[p][lab_tr], ytr[lab_tr], zva[p][lab_va]) for p in POOLINGS}
     patients = [p for p, keep in zip(pva, lab_va, strict=True) if keep]
     return probs, yva[lab_va].astype(int), patients
+
+
+# What a lesion audit regresses from the pooled features, where the data module lists its
+# lesions (LIDC's nodules(): volume from the consensus contour, the readers' median ratings).
+LESION_FACTS = {
+    "log_volume": lambda n: np.log(n["consensus_volume_mm3"].clip(lower=1.0)),
+    "diameter_mm": lambda n: n["diameter_mm"],
+    "texture": lambda n: n["texture_median"],
+    "calcification": lambda n: n["calcification_median"],
+    "spiculation": lambda n: n["spiculation_median"],
+    "margin": lambda n: n["margin_median"],
+    "subtlety": lambda n: n["subtlety_median"],
+}
+
+
+def lesion_r2(features: dict, nodules: pd.DataFrame) -> dict[str, float]:
+    """Validation R² of a ridge regression of each lesion fact on each pooling's features
+    (fitted on every training nodule, labelled or not), keyed ``"{pooling}/{fact}"``."""
+    from jepa_lightning.evaluation.latent_audit import ridge_r2
+
+    ztr, _, _, str_ = features["train"]
+    zva, _, _, sva = features["val"]
+    out = {}
+    for fact, value in LESION_FACTS.items():
+        ytr = value(nodules.loc[str_]).to_numpy(dtype=float)
+        yva = value(nodules.loc[sva]).to_numpy(dtype=float)
+        for p in POOLINGS:
+            out[f"{p}/{fact}"] = ridge_r2(ztr[p], ytr, zva[p], yva)
+    return out
 
 
 def run_checkpoints(
@@ -88,21 +131,33 @@ def run_checkpoints(
 
     dm = build_datamodule(data)
     dm.setup("fit")
-    rows = []
+    nodules = dm.nodules() if hasattr(dm, "nodules") else None
+    rows, audit = [], []
     for ckpt in ckpts:
         encoder, hparams, _, source = encoder_from_checkpoint(ckpt, "auto", "probed checkpoint")
-        trained, label, patients = probe_by_pooling(encoder, dm, center_size)
+        features = pooled_splits(encoder, dm, center_size)
+        trained, label, patients = probe_by_pooling(features)
         arch = checkpoint_architecture(hparams, ckpt)
         backbone = {k: arch[k] for k in ARCHITECTURE_FIELDS}
         random: dict[str, list[np.ndarray]] = {p: [] for p in POOLINGS}
+        random_r2 = []
         for seed in seeds:
             torch.manual_seed(seed)
             init = MultimodalEncoder.from_backbone(  # as the task inits its encoder
                 arch["image_size"], arch["n_ehr_features"], backbone, False,
                 bool(hparams.get("residual_rescale", False)),
             ).eval()  # fmt: skip
-            for pooling, probs in probe_by_pooling(init, dm, center_size)[0].items():
+            init_features = pooled_splits(init, dm, center_size)
+            for pooling, probs in probe_by_pooling(init_features)[0].items():
                 random[pooling].append(probs)
+            if nodules is not None:
+                random_r2.append(lesion_r2(init_features, nodules))
+        if nodules is not None:
+            audit.append(
+                {"checkpoint": ckpt, "encoder": "pretrained", **lesion_r2(features, nodules)}
+            )
+            audit.append({"checkpoint": ckpt, "encoder": "random init (mean)",
+                          **pd.DataFrame(random_r2).mean().to_dict()})  # fmt: skip
         resamples = stats.patient_bootstrap(patients, n_resamples, seed=0)
         for pooling in POOLINGS:
             both = np.stack([trained[pooling], np.mean(random[pooling], axis=0)], axis=1)
@@ -115,7 +170,9 @@ def run_checkpoints(
                  "ci_low": lo, "ci_high": hi, "random_init": auroc[1], "delta": auroc[0] - auroc[1],
                  "delta_low": d_lo, "delta_high": d_hi, "n_val": len(label)}
             )  # fmt: skip
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    table.attrs["lesion_audit"] = pd.DataFrame(audit)
+    return table
 
 
 def run(data: str, patches: list[int], seeds: list[int], center_size: int, n_resamples: int):
@@ -131,7 +188,7 @@ def run(data: str, patches: list[int], seeds: list[int], center_size: int, n_res
             torch.manual_seed(seed)
             backbone = as_backbone({"preset": "micro", "patch_size": patch})
             encoder = MultimodalEncoder.from_backbone(size, dm.n_ehr_features, backbone).eval()
-            by_pooling, label, patients = probe_by_pooling(encoder, dm, center_size)
+            by_pooling, label, patients = probe_by_pooling(pooled_splits(encoder, dm, center_size))
             for pooling, p in by_pooling.items():
                 probs[pooling].append(p)
         mean_probs = np.stack([np.mean(probs[p], axis=0) for p in POOLINGS], axis=1)
@@ -170,6 +227,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     else:
         table = run(ns.data, ns.patch, ns.seeds, ns.center_size, ns.n_resamples)
     print(table.round(3).to_string(index=False, na_rep=""))
+    audit = table.attrs.get("lesion_audit")
+    if audit is not None and len(audit):
+        print("\nlesion audit: validation R² of ridge regressions on the pooled features")
+        print(audit.set_index(["checkpoint", "encoder"]).T.round(3).to_string())
     return table
 
 

@@ -2,7 +2,7 @@
 
 ``BaseTask`` (encoder + optimizer arguments) <- ``SSLTask`` (online probes, collapse
 monitors, references) <- ``MomentumSSLTask`` (EMA targets) <- ``MultimodalJEPA`` (<-
-``TemporalJEPA``, across time), ``MSN``;
+``TemporalJEPA``, across time; <- ``JEPAContrastive``, the JEPA plus CLIP's InfoNCE), ``MSN``;
 ``SSLTask`` <- ``MAE``, ``ImageEHRContrastive``; ``BaseTask`` <- ``DiagnosisTask`` <-
 ``LongitudinalDiagnosisTask`` (a patient's scans over time).
 """
@@ -11,6 +11,7 @@ from jepa_lightning.tasks.base import BaseTask
 from jepa_lightning.tasks.baselines import MAE, MSN, ImageEHRContrastive
 from jepa_lightning.tasks.diagnosis import DiagnosisTask
 from jepa_lightning.tasks.jepa import MultimodalJEPA
+from jepa_lightning.tasks.jepa_contrastive import JEPAContrastive
 from jepa_lightning.tasks.longitudinal import LongitudinalDiagnosisTask
 from jepa_lightning.tasks.momentum import MomentumSSLTask
 from jepa_lightning.tasks.ssl import SSLTask
@@ -22,6 +23,7 @@ __all__ = [
     "BaseTask",
     "DiagnosisTask",
     "ImageEHRContrastive",
+    "JEPAContrastive",
     "LongitudinalDiagnosisTask",
     "MomentumSSLTask",
     "MultimodalJEPA",
