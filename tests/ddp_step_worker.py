@@ -31,6 +31,7 @@ from jepa_lightning.tasks import (
     MSN,
     DiagnosisTask,
     ImageEHRContrastive,
+    JEPAContrastive,
     LongitudinalDiagnosisTask,
     MultimodalJEPA,
     TemporalJEPA,
@@ -127,6 +128,14 @@ JEPA = dict(predictor_dim=32, predictor_depth=1, sigreg_weight=0.5, variance_wei
 TASKS: dict[str, tuple[Callable[[], L.LightningModule], Callable[[], dict]]] = {
     "jepa": (
         lambda: MultimodalJEPA(**COMMON, **JEPA),
+        lambda: with_jepa_masks(global_batch(False), True),
+    ),
+    "jepa_cross_modal": (
+        lambda: MultimodalJEPA(**COMMON, **JEPA, cross_modal_weight=0.5),
+        lambda: with_jepa_masks(global_batch(False), True),
+    ),
+    "jepa_contrastive": (
+        lambda: JEPAContrastive(**COMMON, **JEPA),
         lambda: with_jepa_masks(global_batch(False), True),
     ),
     "ijepa": (

@@ -424,3 +424,24 @@ def test_sigreg_sees_the_full_image_embedding_not_the_masked_context():
     assert len(a) == 2 and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     full = task.encoder(batch["image"], None, batch["ehr_missing"]).mean(1)
     assert torch.allclose(a[0], full)
+
+
+def test_cross_modal_term_predicts_the_pooled_ehr_target_from_the_image():
+    from jepa_lightning.masking import JEPAMaskCollator
+
+    task = _task(cross_modal_weight=0.5, sigreg_weight=0.5).eval()
+    batch = JEPAMaskCollator(grid=(2, 2, 2), n_ehr_features=6, block_scale=(0.1, 0.15),
+                             p_image_only=0.0, p_ehr_only=0.0, min_context=2, rank=0)(_batch())  # fmt: skip
+    out = task.ssl_losses(batch)
+    image = task.pool(task.encoder(batch["image"], None, batch["ehr_missing"]))
+    ehr = task.target_encoder(None, batch["ehr"], batch["ehr_missing"]).mean(1)
+    target = torch.nn.functional.layer_norm(ehr, ehr.shape[-1:])
+    expected = torch.nn.functional.smooth_l1_loss(task.cross_predictor(image), target)
+    assert torch.allclose(out["loss_cross_modal"], expected, atol=1e-6)
+    out["loss_cross_modal"].backward()
+    grads = [
+        p.grad for n, p in task.encoder.named_parameters() if "patch" in n and p.grad is not None
+    ]
+    assert grads and sum(g.abs().sum() for g in grads) > 0  # it reaches the image encoder
+    with pytest.raises(ValueError, match="use_ehr"):
+        _task(cross_modal_weight=0.5, use_ehr=False)

@@ -89,6 +89,12 @@ class MultimodalJEPA(MomentumSSLTask):
             their scale, which a short run cannot move (see :func:`losses.sigreg`).
         variance_weight: weight of a VICReg variance hinge on the pooled context embeddings
             (0 = off; the older anti-collapse option, kept for comparison).
+        cross_modal_weight: weight of a whole-scan cross-modal prediction (0 = off): a small
+            MLP predicts, from the online encoder's pooled full-image embedding, the target
+            encoder's layer-normed pooled full-EHR embedding (smooth L1, no negatives; SIGReg
+            keeps the image embedding from collapsing). Why: the token-level image -> EHR
+            targets passed none of the reading into the image encoder on LIDC, where CLIP's
+            whole-scan alignment did (tasks/README.md, "Reading out the lesion").
         loss: ``smooth_l1`` | ``l1`` | ``l2`` on the targets, in fp32.
         residual_rescale: I-JEPA's init, residual branch outputs scaled by 1/sqrt(2 * depth).
         lr: peak learning rate (:class:`BaseTask`); 1.5e-3 here.
@@ -102,6 +108,7 @@ class MultimodalJEPA(MomentumSSLTask):
         "loss_ehr",
         "loss_sigreg",
         "loss_variance",
+        "loss_cross_modal",
         "loss_vs_position_baseline",
         "target_position_r2",
     )
@@ -131,6 +138,7 @@ class MultimodalJEPA(MomentumSSLTask):
         sigreg_input: Literal["full", "context"] = "full",
         sigreg_standardize: bool = False,
         variance_weight: float = 0.0,
+        cross_modal_weight: float = 0.0,
         loss: str = "smooth_l1",
         residual_rescale: bool = False,
         lr: float = 1.5e-3,
@@ -156,6 +164,14 @@ class MultimodalJEPA(MomentumSSLTask):
             predictor_dim,
             predictor_depth,
             predictor_heads,
+        )
+        if cross_modal_weight > 0 and not use_ehr:
+            raise ValueError("cross_modal_weight > 0 predicts the EHR: use_ehr must be true")
+        dim = self.embed_dim
+        self.cross_predictor = (
+            nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
+            if cross_modal_weight > 0
+            else None
         )
         # Online probes on detached target features: the image-only one is what checkpoint
         # selection uses (val/probe_auroc); the joint one sees image and EHR.
@@ -261,6 +277,8 @@ class MultimodalJEPA(MomentumSSLTask):
         out["targets"] = normed
         out["pooled_image"] = self.pool(img)
         ehr_pooled = ehr.mean(1) if ehr is not None else torch.zeros_like(out["pooled_image"])
+        if ehr is not None:  # the cross-modal target: the whole EHR's pooled embedding
+            out["pooled_ehr_target"] = nn.functional.layer_norm(ehr_pooled, ehr_pooled.shape[-1:])
         out["pooled_joint"] = torch.cat([out["pooled_image"], ehr_pooled], dim=1)
         return out
 
@@ -353,10 +371,24 @@ class MultimodalJEPA(MomentumSSLTask):
             if tgt_ehr_idx.shape[1]:
                 out["loss_ehr"] = loss_ehr
             loss = loss + self.hparams.ehr_loss_weight * loss_ehr
+        parts = None
         if self.hparams.sigreg_weight > 0:
             parts = self.sigreg_parts(batch, context, ctx_img.shape[1])
             out["loss_sigreg"] = self.sigreg_term(parts)
             loss = loss + self.hparams.sigreg_weight * out["loss_sigreg"]
+        if self.cross_predictor is not None:
+            full = parts is not None and self.hparams.sigreg_input == "full"
+            image = (
+                parts[0]
+                if full
+                else self.pool(self.encoder(batch["image"], None, batch["ehr_missing"]))
+            )
+            pred = self.cross_predictor(image).unsqueeze(1)
+            target = t["pooled_ehr_target"].unsqueeze(1)
+            out["loss_cross_modal"] = latent_regression_loss(
+                pred, target, kind=kind, reduce_sum=reduce
+            )
+            loss = loss + self.hparams.cross_modal_weight * out["loss_cross_modal"]
         if self.hparams.variance_weight > 0:
             out["loss_variance"] = variance_hinge(context.mean(1), reduce_sum=reduce)
             loss = loss + self.hparams.variance_weight * out["loss_variance"]
