@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from data_modules.cache import AtomicPersistentDataset
+from data_modules.compact_volume import expand
 from data_modules.manifest import ROI_COLUMNS, SERIES_COLUMN
 from data_modules.readers import BadSampleError, as_bad_sample
 from data_modules.roi import ROI_SPACE_COLUMN
@@ -50,12 +51,13 @@ def cache_key(item: dict[str, Any]) -> tuple:
 def read_volume(
     items: list[dict[str, Any]], i: int, pipeline, disk: AtomicPersistentDataset | None
 ) -> torch.Tensor:
-    """Volume ``i`` through the on-disk cache when there is one, else through ``pipeline``;
-    any failure is a :class:`BadSampleError` naming the file."""
+    """Volume ``i`` (float32) through the on-disk cache when there is one (its int16 entry
+    expanded, :mod:`~data_modules.compact_volume`), else through ``pipeline``; any failure is
+    a :class:`BadSampleError` naming the file."""
     if disk is None:
         return load_volume(items[i], pipeline)
     try:
-        return disk[i]["image"]
+        return expand(disk[i]["image"])
     except BadSampleError:
         raise
     except Exception as err:
@@ -108,7 +110,7 @@ class CTEHRDataset(Dataset):
     def volume(self, i: int) -> torch.Tensor:
         key = cache_key(self.items[i])
         if self.cache is not None and key in self.cache:
-            image = self.cache[key]
+            image = expand(self.cache[key])  # the RAM cache holds int16 codes
         else:
             image = read_volume(self.items, i, self.pipeline, self.disk)
         if self.augment is not None:
