@@ -28,6 +28,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch.utils.data import DataLoader
 
+from data_modules.batch_augment import BatchAugment
 from data_modules.cache import AtomicPersistentDataset, volume_cache_for
 from data_modules.cache_fill import preload_volumes
 from data_modules.dataset import (
@@ -89,6 +90,11 @@ class CTEHRDataModule(L.LightningDataModule):
             scan's own spacing, the whole volume.
         augment: training-split augmentation (:class:`~data_modules.transforms.CTAugment`);
             default none.
+        augment_on: where ``augment`` runs: ``loader`` (per sample, MONAI transforms in the
+            loader workers) or ``device`` (the same transforms as batched tensor ops on the
+            training device after the batch transfer, :mod:`~data_modules.batch_augment`;
+            the workers only read and collate: what keeps a GPU fed at 128³). The two give
+            the same distribution of augmented volumes; not for ``sequence`` batches.
         cache_dir: folder of an on-disk cache of preprocessed volumes, keyed by file
             size/mtime and the preprocessing config, written atomically (safe under DDP);
             later epochs and later runs skip decoding. Default: no disk cache.
@@ -132,6 +138,7 @@ class CTEHRDataModule(L.LightningDataModule):
         drop_last: bool = True,
         preprocess: CTPreprocess | None = None,
         augment: CTAugment | None = None,
+        augment_on: Literal["loader", "device"] = "loader",
         cache_dir: str | None = None,
         streaming: bool = False,
         stream_seed: int = 0,
@@ -170,7 +177,16 @@ class CTEHRDataModule(L.LightningDataModule):
         self.cache_volumes = cache_volumes
         self.drop_last = drop_last
         self.preprocess = preprocess or CTPreprocess()
+        if augment_on not in ("loader", "device"):
+            raise ValueError(f"augment_on must be 'loader' or 'device', got {augment_on!r}")
+        if augment_on == "device" and sequence:
+            raise ValueError(
+                "augment_on: device does not take sequence batches (a patient's padded slots "
+                "would be shifted too): use augment_on: loader with sequence: true"
+            )
         self.augment = augment
+        self.augment_on = augment_on
+        self.device_augment = BatchAugment(augment) if augment and augment_on == "device" else None
         self.cache_dir = cache_dir
         self.streaming = streaming
         self.stream_seed = stream_seed
@@ -244,12 +260,25 @@ class CTEHRDataModule(L.LightningDataModule):
                 rows = self.fill_cache(rows, name)
             ds = CTEHRDataset(
                 rows, normalise_ehr(rows, self.ehr_stats), self.pipeline(), self.on_bad_sample,
-                self._cache, self.disk_cache(rows), self.augment if name == "train" else None,
+                self._cache, self.disk_cache(rows), self.loader_augment(name),
                 self.image_size,
             )  # fmt: skip
             if self.sequence:  # each scan augmented on its own, its volume cached once
                 ds = SequenceDataset(ds, self.max_scans, latest, self.problems, name)
             self._datasets[name] = ds
+
+    def loader_augment(self, split: str) -> CTAugment | None:
+        """The per-sample augmentation a split's dataset runs: the training split's, unless
+        it runs on the device."""
+        return self.augment if split == "train" and self.augment_on == "loader" else None
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """``augment_on: device``: augment a training batch where it now lives."""
+        trainer = self.trainer  # set by Lightning when the data module is attached
+        training = trainer is not None and trainer.training
+        if self.device_augment is not None and training and isinstance(batch, dict) and batch:
+            batch["image"] = self.device_augment(batch["image"])
+        return batch
 
     def report_splits(self) -> None:
         """Print what will be trained and evaluated on (patients, scans, labelled scans,
