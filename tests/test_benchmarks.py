@@ -229,3 +229,13 @@ def test_gpu_feed_benchmark_runs_end_to_end_on_tiny_volumes(tmp_path):
         expected = 16 * x["loader_samples_per_s_per_worker"] / x["demand_samples_per_s"]
         assert x["16_workers_over_demand"] == pytest.approx(expected, rel=0.05, abs=0.01)
     assert "feeding a GPU" in gpu_feed.table(r)
+
+
+def test_the_gpu_loader_check_runs_on_cpu_with_a_tiny_model(tmp_path):
+    """The device check's script end to end (real loader, masks in the workers, device
+    augmentation, Lightning step): stall and MFU come out as shares."""
+    from experiments.benchmarks import gpu_loader_check
+
+    r = gpu_loader_check.run(size=32, batch=2, steps=2, warmup=1, workers=1, n_scans=8,
+                             device="cpu", model=TINY, peak=1e-6, root=str(tmp_path))  # fmt: skip
+    assert 0 <= r["data_stall_pct"] <= 100 and r["mfu_pct"] > 0 and r["samples_per_s"] > 0
