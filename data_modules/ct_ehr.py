@@ -31,8 +31,10 @@ from torch.utils.data import DataLoader
 from data_modules.batch_augment import BatchAugment
 from data_modules.cache import AtomicPersistentDataset, volume_cache_for
 from data_modules.cache_fill import preload_volumes
+from data_modules.compact_volume import expand
 from data_modules.dataset import (
     BatchCollator,
+    CodesView,
     CTEHRDataset,
     ReportingLoader,
     ReportingStreamLoader,
@@ -273,10 +275,13 @@ class CTEHRDataModule(L.LightningDataModule):
         return self.augment if split == "train" and self.augment_on == "loader" else None
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """``augment_on: device``: augment a training batch where it now lives."""
+        """``augment_on: device``: expand a training batch's int16 images and augment them
+        where they now live."""
+        if not (isinstance(batch, dict) and batch) or "image" not in batch:
+            return batch
+        batch["image"] = expand(batch["image"])  # int16 codes from the training loader
         trainer = self.trainer  # set by Lightning when the data module is attached
-        training = trainer is not None and trainer.training
-        if self.device_augment is not None and training and isinstance(batch, dict) and batch:
+        if self.device_augment is not None and trainer is not None and trainer.training:
             batch["image"] = self.device_augment(batch["image"])
         return batch
 
@@ -394,6 +399,8 @@ class CTEHRDataModule(L.LightningDataModule):
         if name not in self._datasets:
             self.setup({"train": "fit", "val": "fit", "test": "test", "predict": "predict"}[name])
         ds = self._datasets[name]
+        if name == "train" and self.device_augment is not None and not self.streaming:
+            ds = CodesView(ds)  # int16 images; expanded and augmented after the transfer
         common = dict(
             report_name=f"{name} split",
             batch_size=self.batch_size,

@@ -103,6 +103,9 @@ def test_device_augmentation_runs_on_training_batches_only(archive):
     for dm in (loader_dm, device_dm, plain):
         dm.setup("fit")
     assert device_dm.dataset("train").augment is None  # workers only read and collate
+    codes = next(iter(device_dm.train_dataloader()))["image"]
+    assert codes.dtype == torch.int16  # half the bytes through the queue and the transfer
+    assert device_dm.dataset("train")[0]["image"].dtype == torch.float32  # other readers: float
 
     class _Trainer:  # what the hook and the loaders read
         training, world_size, global_rank = True, 1, 0
