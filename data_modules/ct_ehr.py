@@ -84,7 +84,8 @@ class CTEHRDataModule(L.LightningDataModule):
             has no ``split`` column.
         predict_split: which split ``predict`` runs on (``all`` for every scan).
         cache_volumes: preprocess every volume once at setup and keep it in RAM
-            (``N * prod(image_size) * 4`` bytes); workers share it by fork.
+            as int16 codes (``N * prod(image_size) * 2`` bytes, :mod:`~data_modules.compact_volume`);
+            workers share it by fork.
         drop_last: drop the last incomplete training batch (streaming: see
             :mod:`data_modules.streaming` for what it means across ranks and workers).
         preprocess: the CT chain (orientation, target spacing, ROI crop, padding):
