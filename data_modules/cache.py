@@ -33,6 +33,8 @@ import torch
 from monai.data import PersistentDataset
 from monai.transforms import Compose
 
+from data_modules.compact_volume import compact
+
 log = logging.getLogger(__name__)
 
 
@@ -70,12 +72,12 @@ class AtomicPersistentDataset(PersistentDataset):
     def _cachecheck(self, item_transformed: dict[str, Any]) -> Any:
         hashfile = self.entry_path(item_transformed)
         if hashfile.is_file():
-            try:
-                return torch.load(hashfile, weights_only=True)
+            try:  # memory-mapped: only the pages a reader touches are read
+                return torch.load(hashfile, weights_only=True, mmap=True)
             except Exception:  # unreadable entry (disk trouble, foreign file): recompute it
                 pass
         result = self._pre_transform(dict(item_transformed))
-        entry = {"image": result["image"]}
+        entry = {"image": compact(result["image"])}  # int16 codes (data_modules.compact_volume)
         tmp = None
         try:
             fd, tmp = tempfile.mkstemp(

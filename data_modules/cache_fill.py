@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from data_modules.cache import AtomicPersistentDataset
+from data_modules.compact_volume import compact
 from data_modules.manifest import RowProblems
 from data_modules.readers import BadSampleError
 
@@ -36,8 +37,8 @@ log = logging.getLogger(__name__)
 
 class VolumeJobs(Dataset):
     """Items ``indices`` of ``items``, each read through the disk cache or the chain;
-    yields ``(index, volume or None, error message or None)`` so a bad file travels back
-    from a worker as text instead of stopping the pool."""
+    yields ``(index, int16 volume codes or None, error message or None)`` so a bad file
+    travels back from a worker as text instead of stopping the pool."""
 
     def __init__(self, items: list[dict[str, Any]], indices: list[int], pipeline, disk):
         self.items, self.indices, self.pipeline, self.disk = items, indices, pipeline, disk
@@ -49,8 +50,8 @@ class VolumeJobs(Dataset):
         from data_modules.dataset import read_volume
 
         i = self.indices[n]
-        try:
-            return i, read_volume(self.items, i, self.pipeline, self.disk), None
+        try:  # int16 codes: half the bytes through the worker queue and in the RAM cache
+            return i, compact(read_volume(self.items, i, self.pipeline, self.disk)), None
         except BadSampleError as err:
             return i, None, str(err)
 

@@ -28,10 +28,13 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch.utils.data import DataLoader
 
+from data_modules.batch_augment import BatchAugment
 from data_modules.cache import AtomicPersistentDataset, volume_cache_for
 from data_modules.cache_fill import preload_volumes
+from data_modules.compact_volume import expand
 from data_modules.dataset import (
     BatchCollator,
+    CodesView,
     CTEHRDataset,
     ReportingLoader,
     ReportingStreamLoader,
@@ -81,7 +84,8 @@ class CTEHRDataModule(L.LightningDataModule):
             has no ``split`` column.
         predict_split: which split ``predict`` runs on (``all`` for every scan).
         cache_volumes: preprocess every volume once at setup and keep it in RAM
-            (``N * prod(image_size) * 4`` bytes); workers share it by fork.
+            as int16 codes (``N * prod(image_size) * 2`` bytes, :mod:`~data_modules.compact_volume`);
+            workers share it by fork.
         drop_last: drop the last incomplete training batch (streaming: see
             :mod:`data_modules.streaming` for what it means across ranks and workers).
         preprocess: the CT chain (orientation, target spacing, ROI crop, padding):
@@ -89,6 +93,11 @@ class CTEHRDataModule(L.LightningDataModule):
             scan's own spacing, the whole volume.
         augment: training-split augmentation (:class:`~data_modules.transforms.CTAugment`);
             default none.
+        augment_on: where ``augment`` runs: ``loader`` (per sample, MONAI transforms in the
+            loader workers) or ``device`` (the same transforms as batched tensor ops on the
+            training device after the batch transfer, :mod:`~data_modules.batch_augment`;
+            the workers only read and collate: what keeps a GPU fed at 128³). The two give
+            the same distribution of augmented volumes; not for ``sequence`` batches.
         cache_dir: folder of an on-disk cache of preprocessed volumes, keyed by file
             size/mtime and the preprocessing config, written atomically (safe under DDP);
             later epochs and later runs skip decoding. Default: no disk cache.
@@ -132,6 +141,7 @@ class CTEHRDataModule(L.LightningDataModule):
         drop_last: bool = True,
         preprocess: CTPreprocess | None = None,
         augment: CTAugment | None = None,
+        augment_on: Literal["loader", "device"] = "loader",
         cache_dir: str | None = None,
         streaming: bool = False,
         stream_seed: int = 0,
@@ -170,7 +180,16 @@ class CTEHRDataModule(L.LightningDataModule):
         self.cache_volumes = cache_volumes
         self.drop_last = drop_last
         self.preprocess = preprocess or CTPreprocess()
+        if augment_on not in ("loader", "device"):
+            raise ValueError(f"augment_on must be 'loader' or 'device', got {augment_on!r}")
+        if augment_on == "device" and sequence:
+            raise ValueError(
+                "augment_on: device does not take sequence batches (a patient's padded slots "
+                "would be shifted too): use augment_on: loader with sequence: true"
+            )
         self.augment = augment
+        self.augment_on = augment_on
+        self.device_augment = BatchAugment(augment) if augment and augment_on == "device" else None
         self.cache_dir = cache_dir
         self.streaming = streaming
         self.stream_seed = stream_seed
@@ -244,12 +263,28 @@ class CTEHRDataModule(L.LightningDataModule):
                 rows = self.fill_cache(rows, name)
             ds = CTEHRDataset(
                 rows, normalise_ehr(rows, self.ehr_stats), self.pipeline(), self.on_bad_sample,
-                self._cache, self.disk_cache(rows), self.augment if name == "train" else None,
+                self._cache, self.disk_cache(rows), self.loader_augment(name),
                 self.image_size,
             )  # fmt: skip
             if self.sequence:  # each scan augmented on its own, its volume cached once
                 ds = SequenceDataset(ds, self.max_scans, latest, self.problems, name)
             self._datasets[name] = ds
+
+    def loader_augment(self, split: str) -> CTAugment | None:
+        """The per-sample augmentation a split's dataset runs: the training split's, unless
+        it runs on the device."""
+        return self.augment if split == "train" and self.augment_on == "loader" else None
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """``augment_on: device``: expand a training batch's int16 images and augment them
+        where they now live."""
+        if not (isinstance(batch, dict) and batch) or "image" not in batch:
+            return batch
+        batch["image"] = expand(batch["image"])  # int16 codes from the training loader
+        trainer = self.trainer  # set by Lightning when the data module is attached
+        if self.device_augment is not None and trainer is not None and trainer.training:
+            batch["image"] = self.device_augment(batch["image"])
+        return batch
 
     def report_splits(self) -> None:
         """Print what will be trained and evaluated on (patients, scans, labelled scans,
@@ -365,6 +400,8 @@ class CTEHRDataModule(L.LightningDataModule):
         if name not in self._datasets:
             self.setup({"train": "fit", "val": "fit", "test": "test", "predict": "predict"}[name])
         ds = self._datasets[name]
+        if name == "train" and self.device_augment is not None and not self.streaming:
+            ds = CodesView(ds)  # int16 images; expanded and augmented after the transfer
         common = dict(
             report_name=f"{name} split",
             batch_size=self.batch_size,

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from data_modules.cache import AtomicPersistentDataset
+from data_modules.compact_volume import compact, expand
 from data_modules.manifest import ROI_COLUMNS, SERIES_COLUMN
 from data_modules.readers import BadSampleError, as_bad_sample
 from data_modules.roi import ROI_SPACE_COLUMN
@@ -50,12 +51,13 @@ def cache_key(item: dict[str, Any]) -> tuple:
 def read_volume(
     items: list[dict[str, Any]], i: int, pipeline, disk: AtomicPersistentDataset | None
 ) -> torch.Tensor:
-    """Volume ``i`` through the on-disk cache when there is one, else through ``pipeline``;
-    any failure is a :class:`BadSampleError` naming the file."""
+    """Volume ``i`` (float32) through the on-disk cache when there is one (its int16 entry
+    expanded, :mod:`~data_modules.compact_volume`), else through ``pipeline``; any failure is
+    a :class:`BadSampleError` naming the file."""
     if disk is None:
         return load_volume(items[i], pipeline)
     try:
-        return disk[i]["image"]
+        return expand(disk[i]["image"])
     except BadSampleError:
         raise
     except Exception as err:
@@ -105,10 +107,18 @@ class CTEHRDataset(Dataset):
     def __len__(self) -> int:
         return len(self.table)
 
-    def volume(self, i: int) -> torch.Tensor:
+    def volume(self, i: int, codes: bool = False) -> torch.Tensor:
+        """Volume ``i``, augmented when this split augments; ``codes``: as the int16 codes of
+        :mod:`~data_modules.compact_volume` (unaugmented), for a caller that expands them
+        itself (the device-augmentation path expands on the training device)."""
         key = cache_key(self.items[i])
-        if self.cache is not None and key in self.cache:
-            image = self.cache[key]
+        cached = self.cache is not None and key in self.cache
+        if codes and self.augment is None:
+            if cached:
+                return self.cache[key]  # no copy: collate stacks it
+            return compact(read_volume(self.items, i, self.pipeline, self.disk))
+        if cached:
+            image = expand(self.cache[key])  # the RAM cache holds int16 codes
         else:
             image = read_volume(self.items, i, self.pipeline, self.disk)
         if self.augment is not None:
@@ -118,10 +128,11 @@ class CTEHRDataset(Dataset):
             image = image.to(torch.float32).contiguous()
         return image
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def item(self, i: int, codes: bool = False) -> dict[str, Any]:
+        """Sample ``i`` (``{"skipped": reason}`` for a bad scan under ``skip``)."""
         row = self.table.iloc[i]
         try:
-            image = self.volume(i)
+            image = self.volume(i, codes)
         except BadSampleError as err:
             reason = bad_sample(err, row["scan_id"], self.on_bad_sample)
             self.skipped.append(reason)
@@ -136,6 +147,25 @@ class CTEHRDataset(Dataset):
             "scan_id": row["scan_id"],
             "cohort": row["cohort"],
         }
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.item(i)
+
+
+class CodesView(Dataset):
+    """A split's samples with their images as int16 codes: what the training loader reads
+    when augmentation runs on the device (half the bytes through the worker queue and the
+    host-to-device copy; the data module expands them after the transfer). The dataset
+    itself keeps returning float32 for everything else that reads it."""
+
+    def __init__(self, dataset: CTEHRDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.dataset.item(i, codes=True)
 
 
 class BatchCollator:

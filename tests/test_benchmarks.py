@@ -213,3 +213,29 @@ def test_interleaved_rotates_the_order_so_no_variant_always_runs_first():
     assert {k: len(v) for k, v in wall.items()} == {"a": 3, "b": 3, "c": 3}
     firsts = calls[::3]  # first call of each round (warm-up round included)
     assert firsts == ["a", "b", "c", "a"]
+
+
+def test_gpu_feed_benchmark_runs_end_to_end_on_tiny_volumes(tmp_path):
+    """Every row of (g) is measured (both caches, both augmentation places) and the ratio is
+    workers x one worker's rate over the demand."""
+    from experiments.benchmarks import gpu_feed
+
+    r = gpu_feed.run(sizes=(32,), n_scans=10, batch=2, n_batches=2, workers=16, root=str(tmp_path))
+    rows = r["rows"]
+    assert {(x["cache"], x["augment_on"]) for x in rows} == {
+        ("ram", "loader"), ("ram", "device"), ("disk", "loader"), ("disk", "device")}  # fmt: skip
+    for x in rows:
+        assert x["loader_samples_per_s_per_worker"] > 0 and x["demand_samples_per_s"] > 0
+        expected = 16 * x["loader_samples_per_s_per_worker"] / x["demand_samples_per_s"]
+        assert x["16_workers_over_demand"] == pytest.approx(expected, rel=0.05, abs=0.01)
+    assert "feeding a GPU" in gpu_feed.table(r)
+
+
+def test_the_gpu_loader_check_runs_on_cpu_with_a_tiny_model(tmp_path):
+    """The device check's script end to end (real loader, masks in the workers, device
+    augmentation, Lightning step): stall and MFU come out as shares."""
+    from experiments.benchmarks import gpu_loader_check
+
+    r = gpu_loader_check.run(size=32, batch=2, steps=2, warmup=1, workers=1, n_scans=8,
+                             device="cpu", model=TINY, peak=1e-6, root=str(tmp_path))  # fmt: skip
+    assert 0 <= r["data_stall_pct"] <= 100 and r["mfu_pct"] > 0 and r["samples_per_s"] > 0
