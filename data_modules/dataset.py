@@ -52,10 +52,11 @@ def read_volume(
     items: list[dict[str, Any]], i: int, pipeline, disk: AtomicPersistentDataset | None
 ) -> torch.Tensor:
     """Volume ``i`` (float32) through the on-disk cache when there is one (its int16 entry
-    expanded, :mod:`~data_modules.compact_volume`), else through ``pipeline``; any failure is
-    a :class:`BadSampleError` naming the file."""
+    expanded, :mod:`~data_modules.compact_volume`), else through ``pipeline`` and the same
+    16-bit rounding, so a sample is identical whichever cache served it (or none); any
+    failure is a :class:`BadSampleError` naming the file."""
     if disk is None:
-        return load_volume(items[i], pipeline)
+        return expand(compact(load_volume(items[i], pipeline)))
     try:
         return expand(disk[i]["image"])
     except BadSampleError:
