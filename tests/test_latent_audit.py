@@ -94,6 +94,14 @@ def test_pooling_probe_scores_every_pooling_on_validation_scans(tmp_path, tiny_c
     assert delta["center - mean"] == pytest.approx(delta["center"] - delta["mean"])
 
 
+def _data_yaml(tmp_path, cohort, class_path: str) -> str:
+    """A data YAML for pooling_probe: ``class_path`` on the tiny synthetic cohort."""
+    path = tmp_path / "data.yaml"
+    init_args = {"root": str(cohort), **TINY, "num_workers": 0}
+    path.write_text(yaml.safe_dump({"data": {"class_path": class_path, "init_args": init_args}}))
+    return str(path)
+
+
 def test_pooling_probe_of_a_checkpoint_equal_to_its_random_init_reads_no_gain(
     tmp_path, tiny_cohort
 ):
@@ -107,12 +115,8 @@ def test_pooling_probe_of_a_checkpoint_equal_to_its_random_init_reads_no_gain(
     other = tmp_path / "other"
     other.mkdir()
     changed, _ = _files(other, tiny_cohort, MultimodalJEPA(**SMALL))
-    data = tmp_path / "data.yaml"
-    data.write_text(yaml.safe_dump({"data": {
-        "class_path": "data_modules.synthetic.SyntheticCohortDataModule",
-        "init_args": {"root": str(tiny_cohort), **TINY, "num_workers": 0},
-    }}))  # fmt: skip
-    args = ["--data", str(data), "--seeds", "0", "--n-resamples", "50", "--ckpt", same, changed]
+    data = _data_yaml(tmp_path, tiny_cohort, "data_modules.synthetic.SyntheticCohortDataModule")
+    args = ["--data", data, "--seeds", "0", "--n-resamples", "50", "--ckpt", same, changed]
     table = pooling_probe(args).set_index(["checkpoint", "pooling"])
     assert set(table.index.get_level_values("pooling")) == {"mean", "center"}
     for pooling in ("mean", "center"):
@@ -148,14 +152,8 @@ def test_pooling_probe_audits_the_lesion_where_the_data_lists_its_lesions(
 
     torch.manual_seed(0)
     ckpt, _ = _files(tmp_path, tiny_cohort, MultimodalJEPA(**SMALL))
-    data = tmp_path / "data.yaml"
-    data.write_text(yaml.safe_dump({"data": {
-        "class_path": "tests.test_latent_audit.CohortWithNodules",
-        "init_args": {"root": str(tiny_cohort), **TINY, "num_workers": 0},
-    }}))  # fmt: skip
-    table = pooling_probe(
-        ["--data", str(data), "--seeds", "0", "--n-resamples", "20", "--ckpt", ckpt]
-    )
+    data = _data_yaml(tmp_path, tiny_cohort, "tests.test_latent_audit.CohortWithNodules")
+    table = pooling_probe(["--data", data, "--seeds", "0", "--n-resamples", "20", "--ckpt", ckpt])
     audit = table.attrs["lesion_audit"].set_index("encoder")
     assert {f"center/{f}" for f in LESION_FACTS} <= set(audit.columns)
     # the checkpoint is the seed-0 random init: the audit reads the same R² for both
