@@ -28,7 +28,6 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from data_modules.cache import AtomicPersistentDataset
-from data_modules.compact_volume import compact
 from data_modules.manifest import RowProblems
 from data_modules.readers import BadSampleError
 
@@ -47,11 +46,11 @@ class VolumeJobs(Dataset):
         return len(self.indices)
 
     def __getitem__(self, n: int) -> tuple[int, torch.Tensor | None, str | None]:
-        from data_modules.dataset import read_volume
+        from data_modules.dataset import read_codes
 
         i = self.indices[n]
         try:  # int16 codes: half the bytes through the worker queue and in the RAM cache
-            return i, compact(read_volume(self.items, i, self.pipeline, self.disk)), None
+            return i, read_codes(self.items, i, self.pipeline, self.disk), None
         except BadSampleError as err:
             return i, None, str(err)
 

@@ -48,21 +48,28 @@ def cache_key(item: dict[str, Any]) -> tuple:
     return (item["image"], item["roi"], item.get("roi_space"), item.get("series_uid"))
 
 
-def read_volume(
+def read_codes(
     items: list[dict[str, Any]], i: int, pipeline, disk: AtomicPersistentDataset | None
 ) -> torch.Tensor:
-    """Volume ``i`` (float32) through the on-disk cache when there is one (its int16 entry
-    expanded, :mod:`~data_modules.compact_volume`), else through ``pipeline`` and the same
-    16-bit rounding, so a sample is identical whichever cache served it (or none); any
-    failure is a :class:`BadSampleError` naming the file."""
+    """Volume ``i`` as the int16 codes of :mod:`~data_modules.compact_volume`: the disk
+    cache's entry as stored when there is one, else the chain's output rounded the same way;
+    any failure is a :class:`BadSampleError` naming the file."""
     if disk is None:
-        return expand(compact(load_volume(items[i], pipeline)))
+        return compact(load_volume(items[i], pipeline))
     try:
-        return expand(disk[i]["image"])
+        return compact(disk[i]["image"])  # int16 already: no conversion
     except BadSampleError:
         raise
     except Exception as err:
         raise as_bad_sample(err, items[i]["source"]) from err
+
+
+def read_volume(
+    items: list[dict[str, Any]], i: int, pipeline, disk: AtomicPersistentDataset | None
+) -> torch.Tensor:
+    """Volume ``i`` as float32: :func:`read_codes` expanded, so a sample is identical
+    whichever cache served it (or none)."""
+    return expand(read_codes(items, i, pipeline, disk))
 
 
 def bad_sample(err: BadSampleError, scan_id: Any, on_bad_sample: str) -> str:
@@ -117,7 +124,7 @@ class CTEHRDataset(Dataset):
         if codes and self.augment is None:
             if cached:
                 return self.cache[key]  # no copy: collate stacks it
-            return compact(read_volume(self.items, i, self.pipeline, self.disk))
+            return read_codes(self.items, i, self.pipeline, self.disk)
         if cached:
             image = expand(self.cache[key])  # the RAM cache holds int16 codes
         else:
