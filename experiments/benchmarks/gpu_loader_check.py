@@ -38,6 +38,9 @@ from experiments.benchmarks.gpu_mfu import VIT_B, peak_tflops
 from experiments.benchmarks.jepa_step import build_task, lightning_trainer
 from jepa_lightning.callbacks import TaskCollateHook
 
+# what jepa_step_flops reads of a batch (shapes only)
+SHAPE_KEYS = ("image", "ctx_image_idx", "ctx_ehr_idx", "tgt_image_idx", "tgt_ehr_idx")
+
 
 class StallMeter(L.Callback):
     """Wait between batches and model FLOPs per batch, after ``skip`` batches."""
@@ -45,6 +48,7 @@ class StallMeter(L.Callback):
     def __init__(self, skip: int):
         self.skip = skip
         self.waits: list[float] = []
+        self.shapes: list[dict] = []
         self.flops: list[int] = []
         self.t0 = self.t1 = self.last_end = None
 
@@ -55,8 +59,8 @@ class StallMeter(L.Callback):
             self.t0 = now = time.perf_counter()
         elif batch_idx > self.skip and self.last_end is not None:
             self.waits.append(now - self.last_end)
-        if batch_idx >= self.skip:
-            self.flops.append(jepa_step_flops(pl_module, batch).model_flops)
+        if batch_idx >= self.skip:  # the shapes only: the FLOPs are counted after the window
+            self.shapes.append({k: torch.empty(batch[k].shape, device="meta") for k in SHAPE_KEYS})
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.last_end = time.perf_counter()
@@ -64,6 +68,7 @@ class StallMeter(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         sync()
         self.t1 = time.perf_counter()
+        self.flops = [jepa_step_flops(pl_module, shapes).model_flops for shapes in self.shapes]
 
 
 def run(size: int = 128, batch: int = 32, steps: int = 30, warmup: int = 5, workers: int = 14,
