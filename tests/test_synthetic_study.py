@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
@@ -105,12 +106,75 @@ def test_scenarios_with_the_same_settings_run_once(tmp_path):
             "mae/finetune",
         ),
         ({"data": {"root": "x"}}, "cohort_root"),
+        ({"shared_pretraining": ["structure"]}, "shared_pretraining=['structure']"),
         ({"grid": "nowhere.yaml"}, "nowhere.yaml"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, change, message):
     with pytest.raises(StudyConfigError, match=message.replace("[", r"\[").replace(".", r"\.")):
         ss.parse_synthetic_study(_spec(tmp_path, **change), "micro.yaml")
+
+
+def test_scenarios_that_differ_only_in_labels_or_site_share_one_pretraining(tmp_path):
+    from jepa_lightning.evaluation import runs
+
+    spec = _spec(
+        tmp_path,
+        shared_pretraining=["labeled_fraction", "external_shift"],
+        knobs={
+            "labels": {"key": "labeled_fraction", "values": [0.25, 0.5]},
+            "shift": {"key": "external_shift", "values": {0.0: {"hu": 0.0}, 1.0: {"hu": 1.0}}},
+            "structure": {"key": "structure", "values": ["shared", "independent"]},
+        },
+    )
+    study = ss.parse_synthetic_study(spec, "micro.yaml")
+    by_knob = {(s.knob, s.x): study.scenario_study(s) for s in study.scenarios}
+    first = by_knob[("labels", 0.25)]
+    shared = [by_knob[k] for k in [("labels", 0.5), ("shift", 0.0), ("structure", "shared")]]
+    for other in shared:
+        assert runs.pretrain_folder(other, "jepa") == runs.pretrain_folder(first, "jepa")
+        # the pretraining reads the first scenario's cohort, whichever scenario asks for it
+        assert runs.pretrain_argv(other, "jepa") == runs.pretrain_argv(first, "jepa")
+        assert other.out != first.out  # the downstream runs stay the scenario's own
+    root = str(tmp_path / "cohorts" / study.scenarios[0].scenario_id)
+    assert f"--data.init_args.root={root}" in runs.pretrain_argv(shared[1], "jepa")
+    run = shared[1].runs()[0]
+    own_root = str(tmp_path / "cohorts" / study.scenarios[2].scenario_id)
+    assert f"--data.init_args.root={own_root}" in runs.run_argv(shared[1], run, "x.ckpt")
+    independent = by_knob[("structure", "independent")]
+    assert runs.pretrain_folder(independent, "jepa") != runs.pretrain_folder(first, "jepa")
+    # without the key every scenario pretrains in its own folder, as before
+    plain = ss.parse_synthetic_study({**spec, "shared_pretraining": []}, "micro.yaml")
+    folders = {runs.pretrain_folder(plain.scenario_study(s), "jepa") for s in plain.scenarios}
+    assert len(folders) == len(plain.unique_scenarios())
+
+
+def test_labels_and_the_external_site_leave_the_training_archive_unchanged(tmp_path):
+    """What shared_pretraining relies on: the internal scans and EHR are the same whatever
+    the label weights, the labelled share or the external site."""
+    from data_modules.synthetic import CohortSpec, ExternalShift, external_site, generate_cohort
+
+    small = dict(n_patients=12, n_external=4, n_ehr_features=12, volume_shape=(12, 12, 12))
+    variants = {
+        "base": CohortSpec(**small),
+        "changed": CohortSpec(
+            **small,
+            labeled_fraction=0.9,
+            label_weights=(0.0, 0.2, 0.8),
+            external=external_site(ExternalShift(1.0, 1.0, 1.0, 1.0, 1.0)),
+        ),
+    }
+    tables = {}
+    for name, cohort in variants.items():
+        generate_cohort(tmp_path / name, cohort, progress=False, workers=1)
+        tables[name] = pd.read_parquet(tmp_path / name / "manifest.parquet")
+    internal = {k: t[t.cohort == "internal"].reset_index(drop=True) for k, t in tables.items()}
+    ehr = [c for c in internal["base"].columns if c.startswith("ehr_")]
+    pd.testing.assert_frame_equal(internal["base"][ehr], internal["changed"][ehr])
+    assert not internal["base"]["label"].equals(internal["changed"]["label"])
+    for image in internal["base"]["image"]:
+        a, b = (nib.load(tmp_path / k / image).get_fdata() for k in variants)
+        np.testing.assert_array_equal(a, b)
 
 
 def test_verdict_rule():

@@ -43,7 +43,7 @@ def say(msg: str) -> None:
 
 # --- folders and markers --------------------------------------------------------------------
 def pretrain_folder(study: Study, method: str) -> Path:
-    return study.out / "pretrain" / method
+    return (study.pretrain_root or study.out / "pretrain") / method
 
 
 def run_folder(study: Study, run: Run) -> Path:
@@ -92,8 +92,9 @@ def _logger_override(configs: list[str], folder: Path) -> list[str]:
 def pretrain_argv(study: Study, method: str) -> list[str]:
     m = study.methods[method]
     folder = pretrain_folder(study, method)
+    common = study.common_args if study.pretrain_common_args is None else study.pretrain_common_args
     return [
-        "fit", "--config", m.pretrain, *study.common_args, *m.pretrain_args,
+        "fit", "--config", m.pretrain, *common, *m.pretrain_args,
         f"--trainer.default_root_dir={folder}", *_logger_override([m.pretrain], folder),
     ]  # fmt: skip
 

@@ -98,6 +98,11 @@ class Study:
     level: float = 0.95
     tsne_fraction: float | None = None
     source: str = "<study>"
+    # Where the pretrainings go and the arguments they take in place of ``common_args``.
+    # The synthetic study sets both so scenarios that share one training archive (they differ
+    # only in labels or the external site) share one pretraining; a plain study leaves them.
+    pretrain_root: Path | None = None
+    pretrain_common_args: list[str] | None = None
 
     def models(self) -> list[tuple[str, str]]:
         """Every (method, protocol) the study trains, in the YAML's order."""

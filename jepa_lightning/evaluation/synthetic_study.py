@@ -63,7 +63,10 @@ from jepa_lightning.evaluation.study_spec import (
     model_of_study,
 )
 
-TOP_KEYS = {"name", "out", "grid", "cohort_root", "data", "compare", "knobs", "bootstrap"}
+TOP_KEYS = {
+    "name", "out", "grid", "cohort_root", "data", "compare", "knobs", "bootstrap",
+    "shared_pretraining",
+}  # fmt: skip
 KNOB_KEYS = {"key", "values", "description"}
 # Data keys a knob may set: the synthetic cohort's scenario settings.
 KNOB_DATA_KEYS = {
@@ -79,6 +82,13 @@ KNOB_DATA_KEYS = {
     "scan_interval_days",
     "growth_signal",
 }
+
+# Data keys that leave a cohort's internal scans and EHR unchanged: the label (its weights,
+# who shows it) and the external site. Internal patients are drawn from their own seeded
+# streams and the pretraining never sees a label (the online probes read detached features),
+# so scenarios that differ only in these keys can share one pretraining
+# (``shared_pretraining``) without changing a single weight of it.
+PRETRAINING_INVARIANT_KEYS = {"label_weights", "labeled_fraction", "external_shift", "n_external"}
 
 
 def _say(msg: str) -> None:
@@ -97,6 +107,12 @@ class Scenario:
     def scenario_id(self) -> str:
         digest = hashlib.sha1(json.dumps(self.data).encode()).hexdigest()[:10]
         return f"s-{digest}"
+
+    def archive_id(self, shared: frozenset[str]) -> str:
+        """Names the pretraining archive: the settings left when the ``shared`` keys (which
+        do not change what a pretraining sees) are dropped."""
+        kept = [pair for pair in self.data if pair[0] not in shared]
+        return "a-" + hashlib.sha1(json.dumps(kept).encode()).hexdigest()[:10]
 
     def data_args(self, cohort_root: Path) -> list[str]:
         args = [f"--data.init_args.root={cohort_root / self.scenario_id}"]
@@ -118,6 +134,7 @@ class SyntheticStudy:
     against: list[tuple[str, str]]
     bootstrap: dict[str, Any] = field(default_factory=dict)  # overrides the grid's
     source: str = "<synthetic study>"
+    shared_pretraining: frozenset[str] = frozenset()  # see PRETRAINING_INVARIANT_KEYS
     scenarios: list[Scenario] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -139,10 +156,19 @@ class SyntheticStudy:
 
     def scenario_study(self, scenario: Scenario) -> Study:
         study = load_study(self.grid, str(self.out / "scenarios" / scenario.scenario_id))
-        study.common_args = [*study.common_args, *scenario.data_args(self.cohort_root)]
+        grid_args = list(study.common_args)
+        study.common_args = [*grid_args, *scenario.data_args(self.cohort_root)]
         study.n_resamples = int(self.bootstrap.get("n_resamples", study.n_resamples))
         study.bootstrap_seed = int(self.bootstrap.get("seed", study.bootstrap_seed))
         study.level = float(self.bootstrap.get("level", study.level))
+        if self.shared_pretraining:
+            # One pretraining per archive, on the cohort of its first scenario (YAML order).
+            archive = scenario.archive_id(self.shared_pretraining)
+            first = next(
+                s for s in self.scenarios if s.archive_id(self.shared_pretraining) == archive
+            )
+            study.pretrain_root = self.out / "pretrain" / archive
+            study.pretrain_common_args = [*grid_args, *first.data_args(self.cohort_root)]
         return study
 
     @property
@@ -227,6 +253,13 @@ def parse_synthetic_study(data: Any, source: str = "<synthetic study>") -> Synth
         if m not in grid_study.methods or p not in grid_study.methods[m].protocols:
             raise _err(source, f"compare names {m}/{p}, which is not a run of the grid {grid}")
 
+    shared = data.get("shared_pretraining") or []
+    if not isinstance(shared, list) or not set(shared) <= PRETRAINING_INVARIANT_KEYS:
+        raise _err(
+            source,
+            f"shared_pretraining={shared!r}: list data keys that leave the training archive "
+            f"unchanged, from {sorted(PRETRAINING_INVARIANT_KEYS)}",
+        )
     boot = data.get("bootstrap") or {}
     if not isinstance(boot, dict) or set(boot) - {"n_resamples", "seed", "level"}:
         raise _err(source, "bootstrap may set n_resamples, seed and level")
@@ -242,6 +275,7 @@ def parse_synthetic_study(data: Any, source: str = "<synthetic study>") -> Synth
         against=against,
         bootstrap=dict(boot),
         source=source,
+        shared_pretraining=frozenset(shared),
     )
 
 
