@@ -153,6 +153,50 @@ def test_label_in_image_only_causes_is_visible_to_image_model(shared_image_label
     assert _heldout_auroc(_image_features(root, df), y) > 0.62
 
 
+@pytest.fixture(scope="module")
+def image_signal_cohorts(tmp_path_factory):
+    """The same patients with the label's image evidence in both parts, the nodule, the lung."""
+    base = tmp_path_factory.mktemp("image_signal")
+    out = {}
+    for signal in ("both", "local", "global"):
+        spec = CohortSpec(**{**SMALL, "n_patients": 150}, image_signal=signal, seed=5)
+        generate_cohort(base / signal, spec, progress=False, workers=1)
+        out[signal] = _load(base / signal)
+    return out
+
+
+def _nodule_and_lung_r2(df: pd.DataFrame) -> tuple[float, float]:
+    """Held-out R² of the image-side causes' label summary from the nodule's size, density and
+    spiculation, and from the diffuse findings (what each part of the image shows)."""
+    causes = df[[c for c in df.columns if c.startswith(("shared_", "image_only_"))]].to_numpy()
+    target = causes.sum(1)
+    nodule = df[["radius_mm", "density_hu", "spiculation"]].to_numpy()
+    lung = df[
+        ["lung_density_hu", "emphysema_fraction", "ground_glass_fraction", "vessel_radius_mm"]
+    ].to_numpy()
+    return _heldout_r2(nodule, target), _heldout_r2(lung, target)
+
+
+def test_image_signal_puts_the_causes_in_the_nodule_or_the_lung(image_signal_cohorts):
+    r2 = {k: _nodule_and_lung_r2(df) for k, df in image_signal_cohorts.items()}
+    (both_nodule, both_lung), (local_nodule, local_lung), (global_nodule, global_lung) = (
+        r2["both"], r2["local"], r2["global"]
+    )
+    assert both_nodule > 0.3 and both_lung > 0.3, r2
+    assert local_nodule > 0.3 and local_lung < 0.1, r2
+    assert global_nodule < 0.1 and global_lung > 0.3, r2
+    # The label, the EHR and the other part's values come from the same patients' draws:
+    # "local" keeps the default nodule, "global" the default findings, bit for bit.
+    both, local, glob = (image_signal_cohorts[k] for k in ("both", "local", "global"))
+    assert both["true_label"].equals(local["true_label"]) and both["true_label"].equals(
+        glob["true_label"]
+    )
+    assert both["radius_mm"].equals(local["radius_mm"])
+    assert both["emphysema_fraction"].equals(glob["emphysema_fraction"])
+    ehr = feature_names(SMALL["n_ehr_features"])
+    pd.testing.assert_frame_equal(both[ehr], glob[ehr])
+
+
 def test_ehr_missing_rate_is_the_measured_missing_share(tmp_path):
     spec = CohortSpec(
         n_patients=60, n_external=0, n_ehr_features=20, ehr_missing_rate=0.4, volume_shape=(8, 8, 8)
@@ -197,6 +241,7 @@ def test_hu_shift_strength_moves_the_external_scans_mean_hu(tmp_path):
         (dict(ehr_missing_rate=1.0), "ehr_missing_rate"),
         (dict(label_weights=(0.0, 0.0, 0.0)), "label_weights"),
         (dict(label_weights=(1.0, -1.0, 0.0)), "label_weights"),
+        (dict(image_signal="texture"), "image_signal='texture'"),
     ],
 )
 def test_bad_knob_values_are_refused_by_name(kwargs, message):
@@ -229,9 +274,11 @@ def test_knobs_are_yaml_keys(tmp_path, capsys):
         "--data.init_args.ehr_missing_rate=0.3",
         "--data.init_args.external_shift.hu=0.9",
         "--data.init_args.label_weights=[0.0, 0.5, 0.5]",
+        "--data.init_args.image_signal=global",
         "--print_config",
     ]
     with pytest.raises(SystemExit):
         main(argv)
     out = capsys.readouterr().out
     assert "structure: independent" in out and "hu: 0.9" in out and "ehr_missing_rate: 0.3" in out
+    assert "image_signal: global" in out

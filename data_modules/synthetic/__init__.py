@@ -34,6 +34,11 @@ lung with something for a JEPA to predict from one part of the image about anoth
   volumes) it sits at the view's centre along that axis, cut by the edges.
 * scanner noise and the site's HU offset.
 
+``image_signal`` moves the label's image evidence ("Pretext Matters"): ``"local"`` keeps it
+in the nodule alone (the diffuse findings follow causes of their own), ``"global"`` in the
+diffuse findings alone (the nodule's size, density and spiculation follow causes of their
+own); the default ``"both"`` is the cohort described above.
+
 ``latents.parquet`` records every cause, the label's probability, the nodule (centre
 ``nodule_x/y/z``, ``radius_mm``, ``density_hu``, ``spiculation``, ``nodule_reach_mm``) and
 each finding's value, for checks and studies. The EHR vector holds clinical-signature-like

@@ -92,8 +92,12 @@ def patient_record(
     truth = int(rng.random() < p)
     # The image and the EHR draw from their own streams, so changing one never moves the other.
     image_rng, ehr_rng = np.random.default_rng([*key, 1]), np.random.default_rng([*key, 2])
-    nodule = nodule_params(causes)
-    findings = diffuse_findings(finding_drivers(image_rng, causes))
+    # image_signal: the part of the image that must not carry the label follows causes of
+    # its own, from a stream of its own (so drawing them moves no other draw).
+    decoy = patient_causes(np.random.default_rng([*key, 7]), spec)
+    nodule = nodule_params(decoy if spec.image_signal == "global" else causes)
+    finding_causes = decoy if spec.image_signal == "local" else causes
+    findings = diffuse_findings(finding_drivers(image_rng, finding_causes))
     doubling_days, follows = doubling_time(
         np.random.default_rng([*key, 3]), truth, spec.growth_signal, site.prevalence
     )

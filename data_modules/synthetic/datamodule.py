@@ -36,6 +36,10 @@ class SyntheticCohortDataModule(CTEHRDataModule):
             follows its label (malignant 100–400 days, benign stable or 600–3000 days); the
             others' follows a label-independent mixture, so 0 leaves growth uninformative.
             The nodule at the latest scan does not depend on it.
+        image_signal: which part of the image carries the label: ``"both"`` (the nodule
+            and the diffuse findings follow the causes), ``"local"`` (the nodule only; the
+            findings follow causes of their own) or ``"global"`` (the findings only; the
+            nodule is drawn from causes of its own). The "Pretext Matters" knob.
         generate_workers: processes that generate the cohort on first use (default
             :func:`~data_modules.cohort_files.default_workers`; the files do not depend on
             it). Not the loaders' ``num_workers``.
@@ -62,6 +66,7 @@ class SyntheticCohortDataModule(CTEHRDataModule):
         scans_per_patient: tuple[int, int] = (1, 1),
         scan_interval_days: tuple[float, float] = (90.0, 540.0),
         growth_signal: float = 0.0,
+        image_signal: Literal["both", "local", "global"] = "both",
         generate_workers: int | None = None,
         **kwargs: Any,
     ):
@@ -80,6 +85,7 @@ class SyntheticCohortDataModule(CTEHRDataModule):
             scans_per_patient=tuple(scans_per_patient),
             scan_interval_days=tuple(scan_interval_days),
             growth_signal=growth_signal,
+            image_signal=image_signal,
         )
         # The loader / preprocessing / label-fraction arguments are CTEHRDataModule's own
         # (jsonargparse reads them through this call, so the CLI and YAML accept them).

@@ -10,6 +10,11 @@ import json
 from dataclasses import asdict, dataclass, field
 
 STRUCTURES = ("shared", "independent")
+# Where the image carries the label ("Pretext Matters": JEPAs are expected to win when the
+# signal is global, invariance methods when it is local): both the nodule and the diffuse
+# findings follow the causes (the default), only the nodule (local), or only the findings
+# (global). The uninformative part is still drawn, from causes of its own.
+IMAGE_SIGNALS = ("both", "local", "global")
 NAMED_FEATURES = [  # (name, kind, location, scale)
     ("age", "cont", 65.0, 8.0),
     ("pack_years", "count", 3.0, 0.6),
@@ -115,6 +120,7 @@ class CohortSpec:
     scans_per_patient: tuple[int, int] = (1, 1)  # uniform number of scans, both inclusive
     scan_interval_days: tuple[float, float] = (90.0, 540.0)  # gap between consecutive scans
     growth_signal: float = 0.0  # share of patients whose nodule grows as its label says
+    image_signal: str = "both"  # which part of the image follows the causes (IMAGE_SIGNALS)
 
     @property
     def longitudinal(self) -> bool:
@@ -132,6 +138,8 @@ class CohortSpec:
             raise ValueError(f"ehr_missing_rate={self.ehr_missing_rate} must be in [0, 1)")
         if self.structure not in STRUCTURES:
             raise ValueError(f"structure={self.structure!r}: choose one of {STRUCTURES}")
+        if self.image_signal not in IMAGE_SIGNALS:
+            raise ValueError(f"image_signal={self.image_signal!r}: choose one of {IMAGE_SIGNALS}")
         if len(self.label_weights) != 3 or min(self.label_weights) < 0:
             raise ValueError(
                 f"label_weights={self.label_weights}: give three non-negative weights "

@@ -81,6 +81,7 @@ KNOB_DATA_KEYS = {
     "scans_per_patient",
     "scan_interval_days",
     "growth_signal",
+    "image_signal",
 }
 
 # Data keys that leave a cohort's internal scans and EHR unchanged: the label (its weights,
