@@ -180,7 +180,9 @@ def _nodule_and_lung_r2(df: pd.DataFrame) -> tuple[float, float]:
 def test_image_signal_puts_the_causes_in_the_nodule_or_the_lung(image_signal_cohorts):
     r2 = {k: _nodule_and_lung_r2(df) for k, df in image_signal_cohorts.items()}
     (both_nodule, both_lung), (local_nodule, local_lung), (global_nodule, global_lung) = (
-        r2["both"], r2["local"], r2["global"]
+        r2["both"],
+        r2["local"],
+        r2["global"],
     )
     assert both_nodule > 0.3 and both_lung > 0.3, r2
     assert local_nodule > 0.3 and local_lung < 0.1, r2
