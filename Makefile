@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install quickstart study-quick synthetic-study-quick synthetic-study longitudinal-study-quick longitudinal-study test test-full lint format bench bench-data clean
+.PHONY: help install quickstart study-quick synthetic-study-quick synthetic-study pretext-study findings longitudinal-study-quick longitudinal-study test test-full lint format bench bench-data clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -27,8 +27,14 @@ quickstart: $(STAMP) ## Synthetic cohort -> JEPA pretrain -> finetune (JEPA init
 synthetic-study-quick: $(STAMP) ## Synthetic environment study, quick: report.md + knobs.png in runs/synthetic-study-quick
 	$(PY) -m jepa_lightning.evaluation.synthetic_study --config experiments/synthetic_study/quick.yaml
 
-synthetic-study: $(STAMP) ## Synthetic environment study, full (every knob, 3 seeds): runs/synthetic-study
+synthetic-study: $(STAMP) ## Synthetic environment study: the paper's three findings on the quickstart cohort, 3 seeds: runs/synthetic-study
 	$(PY) -m jepa_lightning.evaluation.synthetic_study --config experiments/synthetic_study/full.yaml
+
+pretext-study: $(STAMP) ## "Pretext Matters": JEPA vs MSN / CLIP probes, label signal global vs local: runs/synthetic-study-pretext
+	$(PY) -m jepa_lightning.evaluation.synthetic_study --config experiments/synthetic_study/pretext.yaml
+
+findings: $(STAMP) ## The README's findings table, rebuilt from the study snapshots in experiments/findings/ (no training)
+	$(PY) -m jepa_lightning.evaluation.findings table --write README.md
 
 longitudinal-study-quick: $(STAMP) ## Longitudinal study, quick (~10 min on 2 cores): runs/longitudinal-quick/report.md
 	$(PY) -m jepa_lightning.evaluation.synthetic_study --config experiments/longitudinal/quick.yaml

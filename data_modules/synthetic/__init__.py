@@ -67,7 +67,7 @@ latent causes and what follows from them), :mod:`.render` (causes -> CT volume a
 vector), :mod:`.cohort` (the files, and the command line), :mod:`.datamodule`.
 """
 
-from data_modules.synthetic.cohort import ensure_cohort, generate_cohort
+from data_modules.synthetic.cohort import bayes_ceiling, ensure_cohort, generate_cohort
 from data_modules.synthetic.datamodule import SyntheticCohortDataModule
 from data_modules.synthetic.spec import (
     MAX_EXTERNAL_SHIFT,
@@ -79,6 +79,7 @@ from data_modules.synthetic.spec import (
 )
 
 __all__ = [
+    "bayes_ceiling",
     "MAX_EXTERNAL_SHIFT",
     "CohortSpec",
     "ExternalShift",

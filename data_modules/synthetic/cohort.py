@@ -220,6 +220,28 @@ def ensure_cohort(
     return generate_cohort(root, spec, progress, workers)
 
 
+def bayes_ceiling(root: str | Path) -> pd.DataFrame:
+    """The best AUROC any model can reach on each cohort's test scans: that of the
+    generator's own probability of malignancy (``p_malignant``), one row per cohort
+    (``cohort``, ``n_scans``, ``auroc``). Only labelled test scans count, as in a study."""
+    import torch
+    from torchmetrics.functional.classification import binary_auroc
+
+    root = Path(root)
+    manifest = pd.read_parquet(root / "manifest.parquet")
+    latents = pd.read_parquet(root / "latents.parquet")
+    test = manifest[(manifest["split"] == "test") & manifest["label"].notna()]
+    test = test.merge(latents[["scan_id", "p_malignant"]], on="scan_id")
+    rows = []
+    for cohort, g in test.groupby("cohort"):
+        score = torch.tensor(g["p_malignant"].to_numpy())
+        truth = torch.tensor(g["label"].to_numpy()).long()
+        rows.append(
+            {"cohort": cohort, "n_scans": len(g), "auroc": float(binary_auroc(score, truth))}
+        )
+    return pd.DataFrame(rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m data_modules.synthetic",
