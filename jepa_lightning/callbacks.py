@@ -23,6 +23,8 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from jepa_lightning.data_contract import TakesCollateHook, check_batch, has_capability
+
 log = logging.getLogger(__name__)
 
 ID_COLUMNS = ("scan_id", "patient_id", "cohort")
@@ -248,28 +250,62 @@ class RNGStateCheckpoint(L.Callback):
             torch.cuda.set_rng_state_all(state_dict["cuda"])
 
 
-class TaskCollateHook(L.Callback):
-    """Installs the task's ``collate_hook()`` (e.g. JEPA's mask collator) as the data
-    module's ``collate_hook``, so masks are drawn in the loader workers.
+class DataContract(L.Callback):
+    """The task's side of the data contract (:mod:`jepa_lightning.data_contract`): checks
+    the first batch of each loop against the documented keys, and installs the task's
+    ``collate_hook()`` (e.g. JEPA's mask collator) as the data module's ``collate_hook``, so
+    masks are drawn in the loader workers.
 
     Why a callback: the task and the data module stay unaware of each other, and the link
-    is made once where the program is assembled (the CLI adds this callback to every
-    trainer). At ``setup`` the rank is known (the collator seeds its mask stream with it)
-    and no loader has been built yet. A task without ``collate_hook`` and a data module
-    without the attribute are left alone; a task that needs one and a data module that
-    cannot take it is an error naming both.
+    is made once where the run is assembled (every task returns this callback from
+    ``configure_callbacks``, so the CLI and a hand-built ``Trainer`` both get it). At
+    ``setup`` the rank is known (the collator seeds its mask stream with it) and no loader
+    has been built yet. A data module without a ``collate_hook`` attribute (a user's own, or
+    plain dataloaders) is told so in one log line, and the hook is applied here instead, in
+    the main process at the start of each batch (the new keys moved to the batch's device).
     """
+
+    def __init__(self) -> None:
+        self.step_hook = None
+        self.checked: set[str] = set()
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         make_hook = getattr(pl_module, "collate_hook", None)
+        self.step_hook = None
         if make_hook is None:
             return
         dm = getattr(trainer, "datamodule", None)
-        if dm is None or not hasattr(dm, "collate_hook"):
-            raise TypeError(
-                f"{type(pl_module).__name__} draws its masks in the data loaders, but the "
-                f"data module {type(dm).__name__} has no `collate_hook` attribute for it: use "
-                "CTEHRDataModule (or a subclass), or give yours a `collate_hook` its collate "
-                "function applies to each batch"
-            )
-        dm.collate_hook = make_hook()
+        hook = make_hook()
+        without = (
+            f"{type(pl_module).__name__} applies its collate_hook (masks) in the main process "
+            "at the start of each batch, not in the loader workers"
+        )
+        if has_capability(dm, TakesCollateHook, without):
+            dm.collate_hook = hook
+        else:
+            self.step_hook = hook
+
+    def _batch_start(self, loop: str, batch: Any, device: torch.device) -> None:
+        if loop not in self.checked:
+            check_batch(batch, f"the first {loop} batch")
+            self.checked.add(loop)
+        if self.step_hook is None or not batch:
+            return
+        for key, value in self.step_hook(dict(batch)).items():
+            if key not in batch or value is not batch[key]:
+                batch[key] = value.to(device) if isinstance(value, torch.Tensor) else value
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._batch_start("training", batch, pl_module.device)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self._batch_start("validation", batch, pl_module.device)
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self._batch_start("test", batch, pl_module.device)
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self._batch_start("predict", batch, pl_module.device)
+
+
+TaskCollateHook = DataContract  # the name it had before it also checked batches

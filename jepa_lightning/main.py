@@ -15,7 +15,7 @@ from pathlib import Path
 
 from jsonargparse import ArgumentError
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch import Trainer
+from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
@@ -29,7 +29,6 @@ from jepa_lightning.callbacks import (
     PredictionWriter,
     RNGStateCheckpoint,
     SelectingCheckpoint,
-    TaskCollateHook,
 )
 from jepa_lightning.checkpoints import (
     AtomicCheckpointIO,
@@ -124,6 +123,18 @@ class JEPALightningCLI(LightningCLI):
             config.predictions.output = str(Path(root) / "predictions.parquet")
         self.resolve_ckpt_path(config, root)
 
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        # The model is sized from the data module (the links above); a data module without
+        # these attributes would leave the model at its defaults and fail at the first batch.
+        missing = [a for a in ("image_size", "n_ehr_features") if not hasattr(self.datamodule, a)]
+        if missing:
+            raise SystemExit(
+                f"error: data module {type(self.datamodule).__name__} has no {missing}: the CLI "
+                "sizes the model from data.image_size and data.n_ehr_features; give the data "
+                "module these attributes (jepa_lightning/data_contract.py)"
+            )
+
     def resolve_ckpt_path(self, config, root: str) -> None:
         """``--ckpt_path last`` -> the newest *complete* checkpoint among ``last.ckpt``, the
         kept ones and SLURM's ``hpc_ckpt_<n>.ckpt`` (a truncated newer file is skipped with a
@@ -164,8 +175,6 @@ class JEPALightningCLI(LightningCLI):
             # collective then fails after `timeout` instead of hanging a job whose ranks
             # disagree, which SIGTERM cannot interrupt while a rank is inside the collective.
             trainer.strategy._timeout = timedelta(seconds=float(timeout))
-        # The task <-> data module link (JEPA's masks drawn in the loader workers), made here.
-        trainer.callbacks.append(TaskCollateHook())
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # same-folder write + rename
         return trainer
@@ -177,7 +186,9 @@ def main(argv: list[str] | None = None) -> JEPALightningCLI:
     return JEPALightningCLI(
         model_class=BaseTask,
         subclass_mode_model=True,
-        datamodule_class=data_modules.ct_ehr.CTEHRDataModule,
+        # Any LightningDataModule whose batches follow jepa_lightning/data_contract.py; it
+        # must have image_size and n_ehr_features, which the model is sized from.
+        datamodule_class=LightningDataModule,
         subclass_mode_data=True,
         seed_everything_default=0,
         auto_configure_optimizers=False,

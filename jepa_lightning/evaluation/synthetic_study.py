@@ -297,7 +297,10 @@ def run_all(spec: SyntheticStudy) -> None:
     for i, scenario in enumerate(unique, 1):
         study = spec.scenario_study(scenario)
         todo = sum(not done for _, done in runs.run_status(study))
-        shown = ", ".join(f"{k}={json.loads(v)}" for k, v in scenario.data if k not in spec.data)
+        key = spec.knobs[scenario.knob][0]
+        shown = ", ".join(
+            f"{k}={json.loads(v)}" for k, v in scenario.data if k == key or k not in spec.data
+        )
         _say(
             f"scenario {i}/{len(unique)} {scenario.scenario_id} ({scenario.knob}: {shown}); "
             f"{todo} runs to do; elapsed {(time.perf_counter() - t0) / 60:.1f} min"

@@ -364,6 +364,15 @@ class BaseTask(L.LightningModule):
     def reset_probe_label_counts(self) -> None:
         self._probe_label_counts = [0, 0]
 
+    # --- the data contract (jepa_lightning/data_contract.py) --------------------------------
+    def configure_callbacks(self) -> list[L.Callback]:
+        """Every task brings :class:`~jepa_lightning.callbacks.DataContract`: it checks the
+        first batch against the documented keys and installs the task's per-batch extras
+        (JEPA's masks, ``collate_hook()``), so a ``Trainer`` built by hand needs nothing more."""
+        from jepa_lightning.callbacks import DataContract
+
+        return [DataContract()]
+
     # --- DDP: every trainable parameter takes part in every step ---------------------------
     def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
         """Under DDP, add a zero-weighted term touching every trainable parameter.

@@ -13,6 +13,7 @@ from torchmetrics import MeanMetric, MetricCollection, SumMetric
 from torchmetrics.classification import BinaryAUROC, BinaryAveragePrecision
 
 from jepa_lightning.checkpoints import CheckpointMismatchError
+from jepa_lightning.data_contract import NamesCohorts, has_capability
 from jepa_lightning.losses import masked_bce_with_logits
 from jepa_lightning.pretrained import architecture, load_pretrained_encoder
 from jepa_lightning.tasks.base import BaseTask, decay_groups
@@ -76,6 +77,7 @@ class DiagnosisTask(BaseTask):
         self.val_positives = SumMetric()  # labelled positives / scans over all ranks
         self.val_labelled = SumMetric()
         self.test_metrics = nn.ModuleDict()  # per cohort, filled at setup from the data module
+        self._one_cohort = False  # a data module that names no cohorts: every scan is "all"
         self.test_counts = nn.ModuleDict()
         self.test_positives = nn.ModuleDict()
 
@@ -135,7 +137,9 @@ class DiagnosisTask(BaseTask):
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None)
         if stage in ("test", "fit") and not len(self.test_metrics):
-            cohorts = getattr(dm, "cohorts", None) or ["all"]
+            named = has_capability(dm, NamesCohorts, "test metrics for one cohort, 'all'")
+            cohorts = (dm.cohorts if named else None) or ["all"]
+            self._one_cohort = cohorts == ["all"]
             for c in cohorts:
                 self.test_metrics[c] = binary_metrics()
                 self.test_counts[c] = SumMetric()
@@ -237,12 +241,13 @@ class DiagnosisTask(BaseTask):
             return
         logits, mask, label = self._labelled(batch)
         prob = torch.sigmoid(logits)
-        for cohort in set(batch["cohort"]):
+        names = ["all"] * len(batch["cohort"]) if self._one_cohort else batch["cohort"]
+        for cohort in set(names):
             if cohort not in self.test_metrics:
                 raise KeyError(
                     f"test batch has cohort {cohort!r}, unknown at setup ({list(self.test_metrics)})"
                 )
-            sel = mask & torch.tensor([c == cohort for c in batch["cohort"]], device=mask.device)
+            sel = mask & torch.tensor([c == cohort for c in names], device=mask.device)
             if sel.any():
                 self.test_metrics[cohort].update(prob[sel], label[sel].float())
                 self.test_counts[cohort].update(sel.sum())

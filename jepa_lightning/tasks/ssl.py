@@ -17,6 +17,7 @@ from torchmetrics import CatMetric, MeanMetric
 from torchmetrics.classification import BinaryAUROC
 
 from jepa_lightning.collapse import collapse_measures
+from jepa_lightning.data_contract import SplitDatasets, has_capability
 from jepa_lightning.losses import masked_bce_with_logits
 from jepa_lightning.masking import step_generator
 from jepa_lightning.tasks.base import BaseTask
@@ -151,7 +152,8 @@ class SSLTask(BaseTask):
         """Offline image-only measures of :meth:`evaluation_encoder`, to the loggers and the
         log (every rank computes them on the whole split, see ``references``)."""
         dm = getattr(self.trainer, "datamodule", None)
-        if dm is None:
+        skipped = "the reference monitors ref/* and final/* (offline probe, rank) are skipped"
+        if not has_capability(dm, SplitDatasets, skipped):
             return
         values = encoder_references(self.evaluation_encoder(), dm, self.device, pool=self.pool)
         values = {f"{prefix}/{k}": v for k, v in values.items()}
