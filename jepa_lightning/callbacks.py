@@ -179,14 +179,16 @@ class SelectingCheckpoint(ModelCheckpoint):
     over all ranks), so DDP ranks switch together.
     """
 
-    def _save_topk_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict) -> None:
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Public hooks only: a validation (not the sanity check) has just logged what it
+        # logs, and ModelCheckpoint would now look the monitor up among the same metrics.
         if (
-            self.monitor is not None
-            and self.monitor not in monitor_candidates
-            and trainer.fit_loop.epoch_loop.val_loop._has_run
+            not trainer.sanity_checking
+            and self.monitor is not None
+            and self.monitor not in trainer.callback_metrics
         ):
-            self._switch_off_selection(trainer, monitor_candidates)
-        super()._save_topk_checkpoint(trainer, monitor_candidates)
+            self._switch_off_selection(trainer, dict(trainer.callback_metrics))
+        super().on_validation_end(trainer, pl_module)
 
     def _switch_off_selection(self, trainer: L.Trainer, monitor_candidates: dict) -> None:
         counts = getattr(trainer.datamodule, "labelled_counts", None)

@@ -36,6 +36,7 @@ from jepa_lightning.checkpoints import (
     check_checkpoint,
     resolve_last,
 )
+from jepa_lightning.lightning_internals import set_ddp_timeout
 from jepa_lightning.loggers import SaveConfigToLoggers
 from jepa_lightning.slurm_requeue import SlurmRequeue
 from jepa_lightning.tasks.base import BaseTask
@@ -174,7 +175,7 @@ class JEPALightningCLI(LightningCLI):
             # Before the process group exists (it is created in trainer.fit/test/...): every
             # collective then fails after `timeout` instead of hanging a job whose ranks
             # disagree, which SIGTERM cannot interrupt while a rank is inside the collective.
-            trainer.strategy._timeout = timedelta(seconds=float(timeout))
+            set_ddp_timeout(trainer.strategy, timedelta(seconds=float(timeout)))
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # same-folder write + rename
         return trainer

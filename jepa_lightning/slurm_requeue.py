@@ -31,6 +31,8 @@ from pathlib import Path
 import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
+from jepa_lightning.lightning_internals import cluster_environment
+
 log = logging.getLogger(__name__)
 
 
@@ -96,7 +98,7 @@ class SlurmRequeue(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # single-device strategies hold no cluster environment; the connector always does
-        env = trainer._accelerator_connector.cluster_environment
+        env = cluster_environment(trainer)
         if stage != "fit" or not self.enabled or not isinstance(env, SLURMEnvironment):
             return
         if not env.auto_requeue or env.requeue_signal is None:

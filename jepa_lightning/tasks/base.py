@@ -21,6 +21,7 @@ from jepa_lightning.backbones.pooling import POOLINGS, PoolingName, pool_tokens
 from jepa_lightning.backbones.presets import PresetName
 from jepa_lightning.backbones.vit3d import compile_blocks
 from jepa_lightning.distributed import all_reduce_sum
+from jepa_lightning.lightning_internals import logger_writes_this_step
 from jepa_lightning.losses import ReduceSum
 from jepa_lightning.schedules import cosine_ramp, warmup_cosine, warmup_stable_decay
 
@@ -240,13 +241,10 @@ class BaseTask(L.LightningModule):
 
         Lightning writes ``on_step`` values every ``log_every_n_steps`` optimizer steps (and
         when the run is stopping) and drops the others. Its own decision is asked for, not
-        re-derived: after a mid-epoch resume its step counter and ``global_step`` can
-        differ. It is a private attribute, so if a Lightning release renames it we fall
-        back to logging every step (slower, never wrong); a test checks what a CSVLogger
-        receives either way.
+        re-derived (:func:`~jepa_lightning.lightning_internals.logger_writes_this_step`);
+        a test checks what a CSVLogger receives.
         """
-        connector = getattr(self.trainer, "_logger_connector", None)
-        return bool(getattr(connector, "should_update_logs", True))
+        return logger_writes_this_step(self.trainer)
 
     def log_train_diagnostics(
         self, values: dict[str, torch.Tensor | float], batch_size: int
@@ -265,8 +263,16 @@ class BaseTask(L.LightningModule):
             self.log(f"train/{name}", value, batch_size=batch_size)
 
     # --- DDP: objectives of the global batch, and steps every rank takes -------------------
+    def attached_trainer(self) -> L.Trainer | None:
+        """The trainer, or None for a module used outside one (Lightning's ``trainer``
+        property raises then)."""
+        try:
+            return self.trainer
+        except RuntimeError:
+            return None
+
     def world_size(self) -> int:
-        return self.trainer.world_size if self._trainer is not None else 1
+        return trainer.world_size if (trainer := self.attached_trainer()) else 1
 
     def loss_reduce_sum(self) -> ReduceSum | None:
         """What the losses sum their counts and statistics with: a differentiable sum over
@@ -324,8 +330,9 @@ class BaseTask(L.LightningModule):
         skip the ``compute()`` whose all-gather the other ranks wait in.
         """
         total = torch.as_tensor(n, dtype=torch.float32, device=self.device)
-        if self._trainer is not None and self.trainer.world_size > 1:
-            total = self.trainer.strategy.reduce(total.clone(), reduce_op="sum")
+        trainer = self.attached_trainer()
+        if trainer is not None and trainer.world_size > 1:
+            total = trainer.strategy.reduce(total.clone(), reduce_op="sum")
         return int(total.item())
 
     def count_probe_labels(self, labels: torch.Tensor) -> None:
@@ -385,7 +392,7 @@ class BaseTask(L.LightningModule):
         bit-identical to before. Frozen parameters (``requires_grad=False``) are left out, as
         DDP leaves them out.
         """
-        trainer = self._trainer
+        trainer = self.attached_trainer()
         if trainer is not None and trainer.world_size > 1:
             touched = [p.reshape(-1)[:1] for p in self.parameters() if p.requires_grad]
             if touched:

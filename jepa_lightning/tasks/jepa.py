@@ -309,7 +309,7 @@ class MultimodalJEPA(MomentumSSLTask):
         contributes zero samples to the image statistic instead of skipping it (skipping
         would leave the other rank waiting in the collective). Validation does not reduce:
         ranks may hold one batch more or fewer there."""
-        step = self.trainer.global_step if self._trainer is not None else 0
+        step = trainer.global_step if (trainer := self.attached_trainer()) else 0
         seed = 0 if not self.training else 1 + step
         dirs = sigreg_directions(
             self.embed_dim, self.hparams.sigreg_directions, seed, parts[0].device
