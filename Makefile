@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install quickstart study-quick synthetic-study-quick synthetic-study pretext-study findings longitudinal-study-quick longitudinal-study test test-full lint format bench bench-data clean
+.PHONY: help install test-upgrade quickstart study-quick synthetic-study-quick synthetic-study pretext-study findings longitudinal-study-quick longitudinal-study test test-full lint format bench bench-data clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -47,6 +47,19 @@ study-quick: $(STAMP) ## Small study grid on the synthetic cohort (CPU): table, 
 
 test: $(STAMP) ## Default test suite (no slow tests)
 	WANDB_MODE=offline $(PY) -m pytest -q
+
+UPGRADE_VENV := .venv-upgrade
+test-upgrade: ## A second env (.venv-upgrade) with the newest releases pyproject.toml allows, and the suite there
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "$(PYTHON) not found"; exit 1; }
+	@test -x $(UPGRADE_VENV)/bin/python || $(PYTHON) -m venv $(UPGRADE_VENV)
+	$(UPGRADE_VENV)/bin/python -m pip install -q --upgrade pip
+	$(UPGRADE_VENV)/bin/python -m pip install -q "$(TORCH)"
+	@# torch stays the build just installed (a newer one from PyPI is a multi-GB CUDA wheel);
+	@# every other dependency moves to the newest release its range allows.
+	$(UPGRADE_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[dev]' \
+		"torch==$$($(UPGRADE_VENV)/bin/python -c 'import torch; print(torch.__version__)')"
+	$(UPGRADE_VENV)/bin/python -m pip list 2>/dev/null | grep -Ei '^(torch|lightning|torchmetrics|monai|jsonargparse|numpy|pandas) '
+	WANDB_MODE=offline $(UPGRADE_VENV)/bin/python -m pytest -q
 
 test-full: $(STAMP) ## Every test, the slow ones included
 	WANDB_MODE=offline $(PY) -m pytest -q -m ''

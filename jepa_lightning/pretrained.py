@@ -142,10 +142,10 @@ def encoder_from_checkpoint(
     ckpt = read_pretraining_checkpoint(path, role)
     hparams = dict(ckpt.get("hyper_parameters", {}))
     arch = checkpoint_architecture(hparams, path)
-    module = MultimodalEncoder.from_backbone(
-        arch["image_size"],
-        arch["n_ehr_features"],
-        {k: arch[k] for k in ARCHITECTURE_FIELDS},
+    module = MultimodalEncoder(
+        image_size=arch["image_size"],
+        n_ehr_features=arch["n_ehr_features"],
+        backbone={k: arch[k] for k in ARCHITECTURE_FIELDS},
     )
     weights, source = encoder_weights(ckpt, path, encoder)
     try:

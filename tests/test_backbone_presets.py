@@ -37,7 +37,7 @@ def test_every_preset_builds_an_encoder_of_its_width(name):
     if b.embed_dim > 384:  # base/large: check the numbers, not the (large) weights
         assert b.embed_dim % b.num_heads == 0
         return
-    enc = MultimodalEncoder.from_backbone(b.patch_size * 2, 3, b)
+    enc = MultimodalEncoder(image_size=b.patch_size * 2, n_ehr_features=3, backbone=b)
     assert enc.embed_dim == b.embed_dim and len(enc.vit.blocks) == b.depth
 
 

@@ -34,7 +34,8 @@ def _vit(**kw) -> VisionTransformer3D:
 
 def _encoder(**kw) -> MultimodalEncoder:
     torch.manual_seed(0)
-    enc = MultimodalEncoder(IMG, PATCH, F_EHR, DIM, depth=2, num_heads=4, **kw).eval()
+    arch = {"patch_size": PATCH, "embed_dim": DIM, "depth": 2, "num_heads": 4}
+    enc = MultimodalEncoder(image_size=IMG, n_ehr_features=F_EHR, backbone=arch, **kw).eval()
     # Give the EHR value path some magnitude (biases start at zero, weights at std 0.02).
     with torch.no_grad():
         enc.ehr.value_bias.normal_(0, 0.02, generator=_gen(99))

@@ -382,7 +382,9 @@ def test_decay_groups_drop_empty_groups():
 def _real_model_groups():
     model = nn.Module()
     model.encoder = MultimodalEncoder(
-        img_size=8, patch_size=4, n_ehr_features=3, embed_dim=12, depth=1, num_heads=2
+        image_size=8,
+        n_ehr_features=3,
+        backbone={"patch_size": 4, "embed_dim": 12, "depth": 1, "num_heads": 2},
     )
     model.predictor = JEPAPredictor((2, 2, 2), 3, 12, predictor_dim=12, depth=1, num_heads=2)
     names = {id(p): n for n, p in model.named_parameters()}

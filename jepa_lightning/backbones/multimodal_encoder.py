@@ -6,7 +6,8 @@ pretrained state dict loads into a finetuning model key for key.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,40 +30,25 @@ class MultimodalEncoder(nn.Module):
 
     def __init__(
         self,
-        img_size: int | Sequence[int] = 32,
-        patch_size: int | Sequence[int] = 8,
+        image_size: int | Sequence[int] = 32,
         n_ehr_features: int = 32,
-        embed_dim: int = 96,
-        depth: int = 4,
-        num_heads: int = 4,
-        mlp_ratio: float = 4.0,
+        backbone: str | Backbone | Mapping[str, Any] = "micro",
         grad_checkpointing: bool = False,
         residual_rescale: bool = False,
     ):
+        """``backbone``: the architecture as one object (a preset name, a :class:`Backbone`
+        or its dict), so its five fields are named in one place; the data decides the sizes."""
         super().__init__()
-        self.vit = VisionTransformer3D(
-            img_size, patch_size, 1, embed_dim, depth, num_heads, mlp_ratio, grad_checkpointing,
-            residual_rescale,
-        )  # fmt: skip
-        self.ehr = EHRTokenizer(n_ehr_features, embed_dim)
-        self.modality_embed = nn.Parameter(torch.randn(2, embed_dim) * 0.02)
-        self.embed_dim = embed_dim
-
-    @classmethod
-    def from_backbone(
-        cls,
-        image_size: int | Sequence[int],
-        n_ehr_features: int,
-        backbone: str | Backbone | dict,
-        grad_checkpointing: bool = False,
-        residual_rescale: bool = False,
-    ) -> MultimodalEncoder:
-        """The encoder of a :class:`Backbone` (or preset name) for this data's sizes."""
         b = as_backbone(backbone)
-        return cls(
-            image_size, b.patch_size, n_ehr_features, b.embed_dim, b.depth, b.num_heads,
-            b.mlp_ratio, grad_checkpointing, residual_rescale,
+        self.backbone = b
+        self.vit = VisionTransformer3D(
+            image_size, patch_size=b.patch_size, in_chans=1, embed_dim=b.embed_dim,
+            depth=b.depth, num_heads=b.num_heads, mlp_ratio=b.mlp_ratio,
+            grad_checkpointing=grad_checkpointing, residual_rescale=residual_rescale,
         )  # fmt: skip
+        self.ehr = EHRTokenizer(n_ehr_features, b.embed_dim)
+        self.modality_embed = nn.Parameter(torch.randn(2, b.embed_dim) * 0.02)
+        self.embed_dim = b.embed_dim
 
     @property
     def grid(self) -> tuple[int, int, int]:

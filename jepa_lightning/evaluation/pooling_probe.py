@@ -143,9 +143,9 @@ def run_checkpoints(
         random_r2 = []
         for seed in seeds:
             torch.manual_seed(seed)
-            init = MultimodalEncoder.from_backbone(  # as the task inits its encoder
-                arch["image_size"], arch["n_ehr_features"], backbone, False,
-                bool(hparams.get("residual_rescale", False)),
+            init = MultimodalEncoder(  # as the task inits its encoder
+                image_size=arch["image_size"], n_ehr_features=arch["n_ehr_features"],
+                backbone=backbone, residual_rescale=bool(hparams.get("residual_rescale", False)),
             ).eval()  # fmt: skip
             init_features = pooled_splits(init, dm, center_size)
             for pooling, probs in probe_by_pooling(init_features)[0].items():
@@ -187,7 +187,9 @@ def run(data: str, patches: list[int], seeds: list[int], center_size: int, n_res
         for seed in seeds:
             torch.manual_seed(seed)
             backbone = as_backbone({"preset": "micro", "patch_size": patch})
-            encoder = MultimodalEncoder.from_backbone(size, dm.n_ehr_features, backbone).eval()
+            encoder = MultimodalEncoder(
+                image_size=size, n_ehr_features=dm.n_ehr_features, backbone=backbone
+            ).eval()
             by_pooling, label, patients = probe_by_pooling(pooled_splits(encoder, dm, center_size))
             for pooling, p in by_pooling.items():
                 probs[pooling].append(p)

@@ -152,9 +152,10 @@ class BaseTask(L.LightningModule):
         """The shared encoder of this task's backbone and data sizes (every task builds its
         encoder here, so a pretrained state dict loads into a finetuning model key for key)."""
         h = self.hparams
-        return MultimodalEncoder.from_backbone(
-            h.image_size, h.n_ehr_features, self.backbone, h.grad_checkpointing, residual_rescale
-        )
+        return MultimodalEncoder(
+            image_size=h.image_size, n_ehr_features=h.n_ehr_features, backbone=self.backbone,
+            grad_checkpointing=h.grad_checkpointing, residual_rescale=residual_rescale,
+        )  # fmt: skip
 
     def configure_model(self) -> None:
         """``compile: true`` on a task compiles its transformer blocks here (once, before the
