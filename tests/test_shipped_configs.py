@@ -44,6 +44,7 @@ SCENARIOS = sorted(EXPERIMENTS.glob("synthetic_study/scenarios/*.yaml"))
 ELSEWHERE = {  # run by their own tests
     *EXPERIMENTS.glob("sweeps/*.yaml"),  # test_wandb_sweeps: every sweep's command
     EXPERIMENTS / "logging" / "wandb.yaml",  # test_wandb_sweeps: offline W&B runs
+    EXPERIMENTS / "findings" / "findings.yaml",  # test_findings: the README's table from it
 }
 LIDC_DATA = EXPERIMENTS / "lidc" / "data.yaml"  # resolved through studies/lidc.yaml
 

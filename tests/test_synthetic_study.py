@@ -14,6 +14,7 @@ import yaml
 from jepa_lightning.evaluation import report
 from jepa_lightning.evaluation import synthetic_study as ss
 from jepa_lightning.evaluation.study_spec import Run, StudyConfigError, parse_study
+from jepa_lightning.evaluation.synthetic_report import synthetic_report
 
 ROOT = Path(__file__).resolve().parents[1]
 FINETUNE = str(ROOT / "experiments" / "quickstart" / "finetune.yaml")
@@ -303,7 +304,7 @@ def test_report_summary_counts_a_cohort_shared_by_two_knobs_once(tmp_path):
                             "delta": delta, "delta_low": delta - 0.05,
                             "delta_high": delta + 0.05, "p_value": 0.5,
                             "verdict": report.verdict(delta - 0.05, delta + 0.05)})  # fmt: skip
-    text = report.synthetic_report(spec, pd.DataFrame(table), pd.DataFrame(comparisons))
+    text = synthetic_report(spec, pd.DataFrame(table), pd.DataFrame(comparisons))
     # 4 knob values, 3 cohorts: the base cohort (structure=shared = missing=0.15) is listed once
     assert "**helped** (1 of 3 distinct comparisons)" in text
     assert "- structure=shared = missing=0.15, internal, vs supervised / scratch: Δ +0.100" in text

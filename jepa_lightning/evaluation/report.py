@@ -1,5 +1,5 @@
 """A study's tables and Markdown: the results table, the paired comparisons, the pretraining
-health line, and the synthetic study's per-knob report.
+health line, and the synthetic study's per-knob report (:mod:`~jepa_lightning.evaluation.synthetic_report`).
 
 Everything here scores saved prediction tables through :mod:`~jepa_lightning.evaluation.stats`
 (one :class:`~jepa_lightning.evaluation.stats.Bootstrap` per label fraction and cohort, so
@@ -9,11 +9,10 @@ runs a model, so a report can be remade from a finished study's folder.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -21,9 +20,6 @@ import pandas as pd
 from jepa_lightning.collapse import collapse_verdict
 from jepa_lightning.evaluation import stats
 from jepa_lightning.evaluation.study_spec import Run, Study
-
-if TYPE_CHECKING:
-    from jepa_lightning.evaluation.synthetic_study import SyntheticStudy
 
 log = logging.getLogger(__name__)
 
@@ -270,81 +266,3 @@ def study_markdown(
     if wall_s is not None:
         lines += ["", f"Wall time of the runs of this invocation: {wall_s / 60:.1f} min."]
     return "\n".join(lines) + "\n"
-
-
-# --- the synthetic study's report.md --------------------------------------------------------
-def synthetic_report(spec: SyntheticStudy, table: pd.DataFrame, pairs: pd.DataFrame) -> str:
-    """Per knob and value, the model against each reference, and the regimes in which it
-    helped, tied or hurt — every claim with its number and CI (AUROC)."""
-    model = model_name(*spec.model)
-    pairs = pairs[pairs["metric"] == "auroc"]
-    lines = [
-        f"# Synthetic study `{spec.name}`: when does {model} help?",
-        "",
-        f"Config `{spec.source}`; method grid `{spec.grid}`; base data settings "
-        f"`{json.dumps(spec.data)}`. AUROC on each cohort's test scans, mean over the grid's "
-        f"subsets; Δ = {model} minus the reference on the same scans, with its patient-level "
-        f"bootstrap {spec.level:.0%} CI ({spec.n_resamples} resamples). *helped* / *hurt*: "
-        "the CI excludes 0; *tied*: it does not.",
-        "",
-    ]
-    names = table["method"] + " / " + table["protocol"]
-    # A scenario shared by several knobs (the base cohort is every knob's default value)
-    # appears under each of them; the summary lists each distinct comparison once.
-    distinct: dict[tuple, dict] = {}
-    for knob, (key, _, text) in spec.knobs.items():
-        lines += [f"## {knob} (`data.init_args.{key}`)", ""]
-        if text:
-            lines += [text, ""]
-        rows = []
-        for r in pairs[pairs["knob"] == knob].itertuples(index=False):
-            same = (
-                (table["knob"] == knob)
-                & (table["x"] == r.x)
-                & (table["cohort"] == r.cohort)
-                & (table["label_pct"] == r.label_pct)
-            )
-            rows.append(
-                {
-                    knob: r.x,
-                    "cohort": r.cohort,
-                    "reference": r.against,
-                    model: f"{table.loc[same & (names == model), 'auroc_mean'].iloc[0]:.3f}",
-                    "reference AUROC": (
-                        f"{table.loc[same & (names == r.against), 'auroc_mean'].iloc[0]:.3f}"
-                    ),
-                    "Δ AUROC": f"{r.delta:+.3f}",
-                    f"Δ {spec.level:.0%} CI": _ci(r.delta_low, r.delta_high),
-                    "p": _p(r.p_value),
-                    "verdict": r.verdict,
-                }
-            )
-            entry = distinct.setdefault(
-                (r.scenario, r.cohort, r.against, r.label_pct), {"where": [], "row": r}
-            )
-            entry["where"].append(f"{knob}={r.x}")
-        lines += [markdown_table(pd.DataFrame(rows)), ""]
-    verdicts: dict[str, list[str]] = {"helped": [], "tied": [], "hurt": []}
-    for entry in distinct.values():
-        r = entry["row"]
-        verdicts[r.verdict].append(
-            f"{' = '.join(entry['where'])}, {r.cohort}, vs {r.against}: Δ {r.delta:+.3f} "
-            f"{_ci(r.delta_low, r.delta_high)}"
-        )
-    lines += [
-        "## Where it helped, tied and hurt",
-        "",
-        "Each distinct comparison once; `a=x = b=y` marks one cohort that is the value of "
-        "several knobs (the base cohort is every knob's default).",
-        "",
-    ]
-    for v in ("helped", "tied", "hurt"):
-        items = verdicts[v]
-        lines.append(
-            f"**{v}** ({len(items)} of {len(distinct)} distinct comparisons)"
-            + (":" if items else ".")
-        )
-        lines += [f"- {i}" for i in items]
-        lines.append("")
-    lines += ["![AUROC against each knob](knobs.png)", ""]
-    return "\n".join(lines)
