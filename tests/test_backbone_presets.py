@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +13,8 @@ from jepa_lightning.backbones import PRESETS, Backbone, MultimodalEncoder, as_ba
 from jepa_lightning.checkpoints import CheckpointMismatchError
 from jepa_lightning.pretrained import architecture, checkpoint_architecture
 from jepa_lightning.tasks import MAE, MSN, DiagnosisTask, ImageEHRContrastive, MultimodalJEPA
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 MSN_YAML = str(ROOT / "experiments" / "methods" / "msn.yaml")
 
 

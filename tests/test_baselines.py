@@ -14,9 +14,9 @@ from jepa_lightning.schedules import ema_momentum
 from jepa_lightning.tasks import MSN, DiagnosisTask
 from jepa_lightning.tasks.diagnosis import CheckpointMismatchError
 from tests.conftest import tiny_data_args
+from tests.helpers import QUIET
 
 METHODS = Path(__file__).resolve().parents[1] / "experiments" / "methods"
-QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 # A small backbone keeps every run to a few seconds; probe/finetune use the same sizes.
 SMALL = ["--model.init_args.backbone.embed_dim=48", "--model.init_args.backbone.depth=2"]
 # method config -> (encoder the probe loads by default, probe modalities)

@@ -14,10 +14,10 @@ from jepa_lightning.tasks import momentum as momentum_module
 from jepa_lightning.tasks.base import BaseTask
 from jepa_lightning.tasks.diagnosis import CheckpointMismatchError
 from tests.conftest import tiny_data_args
+from tests.helpers import QUIET
 
 CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "quickstart"
 PRETRAIN, FINETUNE = str(CONFIGS / "pretrain.yaml"), str(CONFIGS / "finetune.yaml")
-QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
 
 def _fit(config: str, run_dir: Path, cohort: Path, *extra: str):

@@ -13,9 +13,9 @@ import yaml
 
 from jepa_lightning.main import main
 from tests.ct_fixtures import blob_volume, world_of, write_manifest, write_nifti
+from tests.helpers import QUIET
 
 PRETRAIN = str(Path(__file__).resolve().parents[1] / "experiments" / "quickstart" / "pretrain.yaml")
-QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
 
 @pytest.fixture

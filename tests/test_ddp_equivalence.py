@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from tests.ddp_step_worker import TASKS
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 HANG_GUARD_S = 900
 #: ||w_ddp - w_one|| / ||w_one - w_before||, over all parameters: float rounding only
 TOLERANCE = 1e-4

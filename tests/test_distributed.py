@@ -21,8 +21,8 @@ import yaml
 from torchmetrics.functional.classification import binary_auroc
 
 from jepa_lightning.collapse import centred_rank, mean_feature_std, rankme
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN = ROOT / "experiments" / "quickstart" / "pretrain.yaml"
 FINETUNE = ROOT / "experiments" / "quickstart" / "finetune.yaml"
 HANG_GUARD_S = 1200  # a deadlocked collective must fail the test, not stall CI

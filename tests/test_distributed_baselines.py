@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from tests.ct_fixtures import nifti_archive
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 METHODS = ROOT / "experiments" / "methods"
 SSL_METHODS = ("jepa", "ijepa", "mae", "msn", "msn_ehr", "clip")
 HANG_GUARD_S = 1200  # a deadlock fails the test instead of stalling CI (not a speed bound)

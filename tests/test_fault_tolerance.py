@@ -22,10 +22,9 @@ from jepa_lightning.checkpoints import (
 )
 from jepa_lightning.main import main
 from tests.conftest import tiny_data_args
+from tests.helpers import QUICKSTART_PRETRAIN as PRETRAIN
+from tests.helpers import QUIET, ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
-PRETRAIN = str(ROOT / "experiments" / "quickstart" / "pretrain.yaml")
-QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 HANG_GUARD_S = 1200
 
 

@@ -11,8 +11,7 @@ import pytest
 import yaml
 
 from jepa_lightning.evaluation import findings as fx
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
 
 
 @pytest.mark.parametrize(

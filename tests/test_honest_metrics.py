@@ -14,9 +14,9 @@ import yaml
 from jepa_lightning.evaluation import stats
 from jepa_lightning.main import main
 from tests.ct_fixtures import nifti_archive
+from tests.helpers import QUIET
 
 METHODS = Path(__file__).resolve().parents[1] / "experiments" / "methods"
-QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
 
 def test_one_class_labels_give_nan_metric_ci_and_a_warning():

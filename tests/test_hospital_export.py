@@ -20,6 +20,7 @@ import yaml
 from data_modules.validate import main as validate
 from jepa_lightning.embed import main as embed_main
 from jepa_lightning.main import main
+from tests.helpers import QUIET
 from tests.hospital_export import (
     chest_scan,
     ehr_extract,
@@ -29,7 +30,6 @@ from tests.hospital_export import (
 )
 
 PRETRAIN = str(Path(__file__).resolve().parents[1] / "experiments" / "quickstart" / "pretrain.yaml")
-QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
 
 @pytest.fixture(scope="module")

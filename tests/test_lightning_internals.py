@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
-from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.plugins.environments import ClusterEnvironment, SLURMEnvironment
 from lightning.pytorch.strategies import DDPStrategy
 
 from jepa_lightning import lightning_internals as li
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 PRIVATE = re.compile(
     r"(trainer|strategy|connector|loop|checkpoint)\._[a-z]\w*"
     r"|_logger_connector|_accelerator_connector|_has_run|_save_topk_checkpoint"

@@ -17,9 +17,9 @@ from jepa_lightning.embed import main as embed_main
 from jepa_lightning.main import main
 from jepa_lightning.tasks import DiagnosisTask
 from tests.ct_fixtures import nifti_archive
+from tests.helpers import QUIET
 
 METHODS = Path(__file__).resolve().parents[1] / "experiments" / "methods"
-QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
 
 @pytest.fixture(scope="module")

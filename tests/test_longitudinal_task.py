@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from jepa_lightning.backbones import TemporalEncoder, TimeEmbedding
 from jepa_lightning.tasks import DiagnosisTask, LongitudinalDiagnosisTask, MultimodalJEPA
+from tests.helpers import QUIET
 from tests.test_distributed import run_cli
 
 IMAGE, F, C = 16, 4, 32
@@ -299,7 +300,6 @@ YAML = (
 )
 SMALL = ["--model.init_args.backbone.embed_dim=32", "--model.init_args.backbone.depth=1",
          "--model.init_args.backbone.num_heads=2"]  # fmt: skip
-QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,8 @@ from jepa_lightning.evaluation.study_spec import load_study
 from jepa_lightning.evaluation.synthetic_study import load_synthetic_study
 from jepa_lightning.main import main
 from tests.conftest import TINY, tiny_data_args
+from tests.helpers import QUIET, ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"
 TRAINING = sorted(
     [
@@ -50,7 +50,6 @@ LIDC_DATA = EXPERIMENTS / "lidc" / "data.yaml"  # resolved through studies/lidc.
 
 SMALL = ["--model.init_args.backbone.embed_dim=32", "--model.init_args.backbone.depth=1",
          "--model.init_args.backbone.num_heads=2"]  # fmt: skip
-QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
 
 def _name(path: Path) -> str:

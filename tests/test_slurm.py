@@ -29,8 +29,8 @@ import torch
 import yaml
 
 from tests.conftest import TINY
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "experiments" / "slurm" / "local_cluster.sh"
 TEMPLATE = ROOT / "experiments" / "slurm" / "single_node.sbatch"
 MULTI_NODE_TEMPLATE = ROOT / "experiments" / "slurm" / "multi_node.sbatch"

@@ -14,10 +14,10 @@ from jepa_lightning.evaluation import inspect_encoder, runs, stats, study
 from jepa_lightning.evaluation.study_spec import StudyConfigError, load_study
 from jepa_lightning.main import main
 from tests.conftest import tiny_data_args
+from tests.helpers import QUIET
 
 CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "quickstart"
 PRETRAIN, FINETUNE = str(CONFIGS / "pretrain.yaml"), str(CONFIGS / "finetune.yaml")
-QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
 
 @pytest.fixture(scope="module")

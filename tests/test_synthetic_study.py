@@ -15,11 +15,9 @@ from jepa_lightning.evaluation import report
 from jepa_lightning.evaluation import synthetic_study as ss
 from jepa_lightning.evaluation.study_spec import Run, StudyConfigError, parse_study
 from jepa_lightning.evaluation.synthetic_report import synthetic_report
-
-ROOT = Path(__file__).resolve().parents[1]
-FINETUNE = str(ROOT / "experiments" / "quickstart" / "finetune.yaml")
-PRETRAIN = str(ROOT / "experiments" / "quickstart" / "pretrain.yaml")
-QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+from tests.helpers import QUICKSTART_FINETUNE as FINETUNE
+from tests.helpers import QUICKSTART_PRETRAIN as PRETRAIN
+from tests.helpers import QUIET, ROOT
 
 
 def _grid(tmp_path: Path) -> Path:

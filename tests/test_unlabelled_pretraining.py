@@ -17,9 +17,9 @@ import yaml
 
 from jepa_lightning.main import main
 from tests.ct_fixtures import nifti_archive
+from tests.helpers import QUIET
 
 METHODS = Path(__file__).resolve().parents[1] / "experiments" / "methods"
-QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 SMALL = [
     "--model.init_args.backbone.embed_dim=48",
     "--model.init_args.backbone.depth=1",

@@ -13,10 +13,9 @@ import yaml
 
 from jepa_lightning.main import main
 from tests.ct_fixtures import nifti_archive
+from tests.helpers import QUIET, ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 MSN = str(ROOT / "experiments" / "methods" / "msn.yaml")
-QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
 
 def _console(*argv: str) -> subprocess.CompletedProcess:

@@ -14,11 +14,11 @@ from wandb.sdk.launch.sweeps import utils as sweep_utils
 from jepa_lightning.loggers import WandbLogger, wandb_should_be_offline
 from jepa_lightning.main import main
 from tests.conftest import tiny_data_args
+from tests.helpers import QUICKSTART_PRETRAIN as PRETRAIN
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((ROOT / "experiments" / "sweeps").glob("*.yaml"))
 WANDB = str(ROOT / "experiments" / "logging" / "wandb.yaml")
-PRETRAIN = str(ROOT / "experiments" / "quickstart" / "pretrain.yaml")
 
 
 def sample(spec: dict, rng: random.Random):
