@@ -308,6 +308,3 @@ class DataContract(L.Callback):
 
     def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
         self._batch_start("predict", batch, pl_module.device)
-
-
-TaskCollateHook = DataContract  # the name it had before it also checked batches

@@ -139,11 +139,9 @@ def test_a_fit_with_device_augmentation_is_reproducible(archive, tmp_path):
                              augment_on="device", num_workers=0)  # fmt: skip
         task = MultimodalJEPA(image_size=16, n_ehr_features=2, predictor_dim=8, predictor_depth=1,
                               predictor_heads=2, backbone={"patch_size": 8, "embed_dim": 16, "depth": 1, "num_heads": 2})  # fmt: skip
-        from jepa_lightning.callbacks import TaskCollateHook
-
         trainer = lightning.Trainer(max_epochs=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
                                     enable_progress_bar=False, enable_model_summary=False, deterministic=True,
-                                    callbacks=[TaskCollateHook()], default_root_dir=tmp_path)  # fmt: skip
+                                    default_root_dir=tmp_path)  # fmt: skip
         trainer.fit(task, datamodule=dm)
         return torch.cat([p.detach().reshape(-1) for p in task.encoder.parameters()])
 

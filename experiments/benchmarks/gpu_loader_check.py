@@ -36,7 +36,6 @@ from experiments.benchmarks.flops import jepa_step_flops
 from experiments.benchmarks.gpu_feed import manifest_for
 from experiments.benchmarks.gpu_mfu import VIT_B, peak_tflops
 from experiments.benchmarks.jepa_step import build_task, lightning_trainer
-from jepa_lightning.callbacks import TaskCollateHook
 
 # what jepa_step_flops reads of a batch (shapes only)
 SHAPE_KEYS = ("image", "ctx_image_idx", "ctx_ehr_idx", "tgt_image_idx", "tgt_ehr_idx")
@@ -87,7 +86,7 @@ def run(size: int = 128, batch: int = 32, steps: int = 30, warmup: int = 5, work
     task = build_task(size, 1, **(model or VIT_B))
     meter = StallMeter(warmup)
     precision = "bf16-mixed" if device == "cuda" else "32-true"
-    trainer = lightning_trainer(warmup + steps, [TaskCollateHook(), meter], accelerator=device,
+    trainer = lightning_trainer(warmup + steps, [meter], accelerator=device,
                                 precision=precision)  # fmt: skip
     trainer.fit(task, datamodule=dm)
     seconds = meter.t1 - meter.t0

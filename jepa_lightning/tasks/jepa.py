@@ -212,7 +212,7 @@ class MultimodalJEPA(MomentumSSLTask):
 
     def collate_hook(self) -> JEPAMaskCollator:
         """What the data module's loaders apply to each batch (installed by
-        :class:`~jepa_lightning.callbacks.TaskCollateHook`)."""
+        :class:`~jepa_lightning.callbacks.DataContract`)."""
         return self.mask_collator()
 
     def empty_batch(self) -> dict:
@@ -335,10 +335,10 @@ class MultimodalJEPA(MomentumSSLTask):
         batch's :meth:`targets` when the caller has computed them already."""
         if any(k not in batch for k in MASK_KEYS):
             raise KeyError(
-                "batch has no JEPA mask indices: the data module must apply the task's "
-                "collate_hook() to its batches (the CLI installs it with the TaskCollateHook "
-                "callback; a Trainer built by hand needs callbacks=[TaskCollateHook()], and a "
-                "custom data module a `collate_hook` attribute its collate function calls)"
+                "batch has no JEPA mask indices: the task's collate_hook() draws them, "
+                "installed by the DataContract callback the task brings (configure_callbacks) "
+                "in the data module's loaders or, without a `collate_hook` attribute there, at "
+                "the start of each batch; a Trainer whose callbacks drop it gets no masks"
             )
         t = self.targets(batch) if t is None else t
         n_img = self.encoder.num_patches
