@@ -102,7 +102,7 @@ def test_gap_closed_reads_the_bayes_ceiling_of_the_scenario(tmp_path, monkeypatc
     )
     fx.collect(spec, "s", "abc1234", "2026-12-07", 12.5)
     text = fx.findings_table(spec)
-    assert "50% of 0.700 → 0.900 (0.800)" in text and "| met |" in text
+    assert "+50% of the gap 0.700 → 0.900 (model 0.800)" in text and "| met |" in text
 
 
 @pytest.mark.parametrize(

@@ -173,7 +173,7 @@ def finding_row(spec_path: Path, study: Study, f: dict[str, Any]) -> dict[str, s
         bayes = _read(snap, "bayes", label)
         ceiling = _one_row(bayes, {"scenario": m.scenario, "cohort": m.cohort}, label).auroc
         share = (model - base) / (ceiling - base)
-        ours = f"{share:.0%} of {base:.3f} → {ceiling:.3f} ({model:.3f})"
+        ours = f"{share:+.0%} of the gap {base:.3f} → {ceiling:.3f} (model {model:.3f})"
         verdict = "met" if share >= float(f["target"]) else "missed"
     return {
         "finding": f["finding"],
