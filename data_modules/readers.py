@@ -10,7 +10,6 @@ Kept apart from :mod:`data_modules.transforms` (what is done to a volume once re
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from collections.abc import Hashable, Mapping
 from pathlib import Path
@@ -22,76 +21,18 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import EnsureChannelFirst, MapTransform, Orientation
 
-from data_modules.dicom import (
-    NotOneVolume,
-    VolumeHeaders,
-    check_volume,
-    read_enhanced_ct,
-    volume_headers,
+from data_modules.dicom import VolumeHeaders, read_enhanced_ct
+from data_modules.scan_files import (  # noqa: F401  (re-exported: the readers' errors and checks)
+    BadSampleError,
+    as_bad_sample,
+    dicom_volume,
+    file_stamp,
+    is_dicom_path,
 )
+from data_modules.stored_volume import DicomSeriesVolume
 
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 STORED_AFFINE = "stored_affine"  # meta key: voxel -> RAS mm of the array as stored
-
-
-class BadSampleError(ValueError):
-    """One scan cannot be used; the message names the file and what to do."""
-
-
-def as_bad_sample(err: BaseException, source: str) -> BadSampleError:
-    """MONAI wraps a transform's exception in ``RuntimeError('applying transform ...')``:
-    find ours in the chain, or describe the underlying one with the file's name."""
-    e: BaseException | None = err
-    while e is not None:
-        if isinstance(e, BadSampleError):
-            return e
-        e = e.__cause__
-    root = err
-    while root.__cause__ is not None:
-        root = root.__cause__
-    return BadSampleError(f"image {source} failed preprocessing ({type(root).__name__}: {root})")
-
-
-def file_stamp(path: str | Path) -> str:
-    """What identifies a file's content cheaply: size and mtime (ns); for a DICOM folder, the
-    names, sizes and mtimes of its files. A changed or replaced file changes the stamp."""
-    path = Path(path)
-    try:
-        if path.is_dir():
-            h = hashlib.sha256()
-            for f in sorted(path.iterdir()):
-                st = f.stat()
-                h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
-            return "dir-" + h.hexdigest()[:24]
-        st = path.stat()
-        return f"{st.st_size}-{st.st_mtime_ns}"
-    except OSError:
-        return "missing"
-
-
-def dicom_volume(path: Path, series_uid: str | None = None) -> VolumeHeaders:
-    """The checked headers of the DICOM volume at ``path`` (a series folder or an Enhanced CT
-    file; in a folder of several series the one ``series_uid`` names, else the thinnest
-    axial one): every reason it is not one CT volume raises a :class:`BadSampleError`
-    naming ``path`` (see :mod:`data_modules.dicom`)."""
-    try:
-        headers = volume_headers(path, series_uid)
-        check_volume(headers)
-    except NotOneVolume as err:
-        raise BadSampleError(f"image {path} {err}") from err
-    return headers
-
-
-def is_dicom_path(path: Path) -> bool:
-    """A folder (DICOM series) or a file that is not NIfTI and has DICOM's preamble."""
-    if path.is_dir():
-        return True
-    name = path.name.lower()
-    if name.endswith((".nii", ".nii.gz", ".img", ".hdr")):
-        return False
-    import pydicom
-
-    return bool(pydicom.misc.is_dicom(path))
 
 
 class LoadCTd(MapTransform):
@@ -147,8 +88,6 @@ class LoadCTd(MapTransform):
         """The chosen series' files only (a folder may hold others, and DICOMDIR), decoded
         slice by slice with pydicom in InstanceNumber order, per-slice rescale applied:
         the array and affine MONAI's ``PydicomReader`` builds for a one-series folder."""
-        from data_modules.stored_volume import DicomSeriesVolume
-
         vol = DicomSeriesVolume(path, headers)
         data = vol.read_box(np.zeros(3, int), np.asarray(vol.shape))
         return MetaTensor(

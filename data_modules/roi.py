@@ -26,6 +26,8 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
+from data_modules.scan_files import BadSampleError
+
 ROISpace = Literal["ras_mm", "lps_mm", "voxel"]
 ROI_SPACES: tuple[str, ...] = ("ras_mm", "lps_mm", "voxel")
 ROI_SPACE_COLUMN = "roi_space"
@@ -124,3 +126,18 @@ def roi_to_ras(
             raise ROISpaceError("a voxel ROI needs the stored image's affine")
         return (np.asarray(stored_affine, dtype=np.float64) @ np.r_[point, 1.0])[:3]
     raise ROISpaceError(f"roi_space {space!r} is not one of {list(ROI_SPACES)}")
+
+
+def check_roi_inside(
+    centre: np.ndarray, shape: np.ndarray, roi: Sequence[float], space: str, source: str
+) -> None:
+    """A :class:`BadSampleError` naming the file, the ROI and its declared space when the
+    centre (continuous voxel index ``centre``) lies outside a volume of ``shape``."""
+    if np.all(centre >= -0.5) and np.all(centre <= np.asarray(shape) - 0.5):
+        return
+    unit = "voxel index" if space == "voxel" else "mm"
+    raise BadSampleError(
+        f"image {source}: ROI centre {tuple(round(float(v), 2) for v in roi)} ({space}, {unit}) "
+        f"lies outside the scan (voxel {np.round(centre, 1).tolist()} of shape "
+        f"{np.asarray(shape).tolist()}); check roi_space ({ROI_SPACE_HINT})"
+    )

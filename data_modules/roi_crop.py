@@ -30,7 +30,7 @@ from monai.data.utils import AFFINE_TOL, affine_to_spacing, compute_shape_offset
 from monai.transforms import MapTransform, SpatialResample
 
 from data_modules.readers import RAS_LABELS, STORED_AFFINE, BadSampleError
-from data_modules.roi import roi_to_ras
+from data_modules.roi import check_roi_inside, roi_to_ras
 from data_modules.stored_volume import StoredVolume, open_volume
 
 
@@ -109,8 +109,6 @@ class ReadROICropd(MapTransform):
         d: Mapping[Hashable, Any],
     ) -> np.ndarray:
         """Continuous index of the box centre on the target grid."""
-        from data_modules.transforms import check_roi_inside
-
         roi, source = d.get(self.roi_key), str(d.get("source", "?"))
         if roi is not None and np.all(np.isfinite(np.asarray(roi, dtype=float))):
             space = d.get("roi_space", "ras_mm")

@@ -25,7 +25,7 @@ import nibabel as nib
 import numpy as np
 
 from data_modules.dicom import VolumeHeaders, geometry, read_enhanced_ct
-from data_modules.readers import BadSampleError, dicom_volume, is_dicom_path
+from data_modules.scan_files import BadSampleError, dicom_volume, is_dicom_path
 
 LPS_TO_RAS4 = np.diag([-1.0, -1.0, 1.0, 1.0])
 

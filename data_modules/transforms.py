@@ -48,14 +48,14 @@ from monai.transforms import (
 )
 from monai.transforms.utils import generate_spatial_bounding_box
 
-from data_modules.readers import (
+from data_modules.readers import (  # BadSampleError: re-exported, the chain's error
     STORED_AFFINE,
-    BadSampleError,
+    BadSampleError,  # noqa: F401
     LoadCTd,
     as_bad_sample,
     file_stamp,
 )
-from data_modules.roi import ROI_SPACE_HINT, check_declared, roi_to_ras
+from data_modules.roi import check_declared, check_roi_inside, roi_to_ras
 from data_modules.roi_crop import ReadROICropd
 
 PREPROCESS_VERSION = 3  # bump when the chain changes in a way the config does not show
@@ -151,21 +151,6 @@ class CTAugment:
 def roi_voxel_centre(affine: np.ndarray, roi_mm: Sequence[float]) -> np.ndarray:
     """World (mm) -> continuous voxel index through the inverse affine."""
     return (np.linalg.inv(np.asarray(affine, dtype=np.float64)) @ np.r_[roi_mm, 1.0])[:3]
-
-
-def check_roi_inside(
-    centre: np.ndarray, shape: np.ndarray, roi: Sequence[float], space: str, source: str
-) -> None:
-    """A :class:`BadSampleError` naming the file, the ROI and its declared space when the
-    centre (continuous voxel index ``centre``) lies outside a volume of ``shape``."""
-    if np.all(centre >= -0.5) and np.all(centre <= np.asarray(shape) - 0.5):
-        return
-    unit = "voxel index" if space == "voxel" else "mm"
-    raise BadSampleError(
-        f"image {source}: ROI centre {tuple(round(float(v), 2) for v in roi)} ({space}, {unit}) "
-        f"lies outside the scan (voxel {np.round(centre, 1).tolist()} of shape "
-        f"{np.asarray(shape).tolist()}); check roi_space ({ROI_SPACE_HINT})"
-    )
 
 
 class CropAroundROId(MapTransform):
