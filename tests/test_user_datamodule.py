@@ -10,7 +10,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from jepa_lightning.main import main
-from jepa_lightning.tasks import DiagnosisTask, MultimodalJEPA
+from jepa_lightning.tasks import (
+    MAE,
+    MSN,
+    DiagnosisTask,
+    ImageEHRContrastive,
+    JEPAContrastive,
+    MultimodalJEPA,
+)
 
 SIZE, FEATURES = 16, 5
 TINY_BACKBONE = {"patch_size": 8, "embed_dim": 16, "depth": 1, "num_heads": 2}
@@ -79,6 +86,17 @@ def test_a_plain_trainer_trains_jepa_on_a_user_data_module(tmp_path, caplog):
     assert moved  # it trained: the masks were drawn in the step
     assert "has no TakesCollateHook" in caplog.text and "main process" in caplog.text
     assert "has no SplitDatasets" in caplog.text and "reference monitors" in caplog.text
+
+
+@pytest.mark.parametrize("task_class", [MAE, MSN, ImageEHRContrastive, JEPAContrastive])
+def test_a_plain_trainer_trains_every_pretraining_task_on_a_user_data_module(tmp_path, task_class):
+    """The other single-scan tasks (the sequence tasks take sequence batches, their own
+    contract in data_modules/sequences.py)."""
+    task = task_class(image_size=SIZE, n_ehr_features=FEATURES, backbone=TINY_BACKBONE)
+    before = [p.detach().clone() for p in task.encoder.parameters()]
+    _trainer(tmp_path).fit(task, datamodule=UserDataModule())
+    after = task.encoder.parameters()
+    assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
 
 
 def test_a_plain_trainer_finetunes_and_tests_on_a_user_data_module(tmp_path):
