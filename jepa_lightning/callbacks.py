@@ -270,10 +270,11 @@ class DataContract(L.Callback):
     def __init__(self) -> None:
         self.step_hook = None
         self.checked: set[str] = set()
+        self.hook_needed: dict[str, bool] = {}  # per loop: does the batch lack what it adds?
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         make_hook = getattr(pl_module, "collate_hook", None)
-        self.step_hook = None
+        self.step_hook, self.hook_needed = None, {}
         if make_hook is None:
             return
         dm = getattr(trainer, "datamodule", None)
@@ -289,11 +290,18 @@ class DataContract(L.Callback):
 
     def _batch_start(self, loop: str, batch: Any, device: torch.device) -> None:
         if loop not in self.checked:
-            check_batch(batch, f"the first {loop} batch")
+            check_batch(batch, f"the first {loop} batch", predict=loop == "predict")
             self.checked.add(loop)
-        if self.step_hook is None or not batch:
+        if self.step_hook is None or not batch or self.hook_needed.get(loop) is False:
             return
-        for key, value in self.step_hook(dict(batch)).items():
+        out = self.step_hook(dict(batch))
+        if loop not in self.hook_needed:
+            # A pipeline that already adds what the hook adds (e.g. masks drawn by the user's
+            # own collate function) keeps its own: the hook applies only to batches without.
+            self.hook_needed[loop] = bool(set(out) - set(batch))
+            if not self.hook_needed[loop]:
+                return
+        for key, value in out.items():
             if key not in batch or value is not batch[key]:
                 batch[key] = value.to(device) if isinstance(value, torch.Tensor) else value
 

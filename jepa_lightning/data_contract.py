@@ -2,9 +2,11 @@
 
 Any ``LightningDataModule`` (or plain dataloaders) trains every task if its batches are the
 documented dicts: ``image`` ``[B, 1, D, H, W]`` float, ``ehr`` ``[B, F]`` float,
-``ehr_missing`` ``[B, F]`` bool, ``label`` ``[B]`` float (NaN = unlabelled), and the lists
-``patient_id``, ``scan_id``, ``cohort`` (:data:`BATCH_KEYS`). That is the whole requirement;
-the first batch of a run is checked against it (:func:`check_batch`), naming what is missing.
+``ehr_missing`` ``[B, F]`` bool, ``label`` ``[B]`` float (NaN = unlabelled)
+(:data:`BATCH_KEYS`), and for predictions the lists ``patient_id`` and ``scan_id``
+(:data:`PREDICT_KEYS`; ``cohort`` too, when the data module names cohorts). That is the whole
+requirement; the first batch of each loop is checked against it (:func:`check_batch`),
+naming what is missing.
 Through the CLI the data module must also say what the model is sized from, the attributes
 ``image_size`` and ``n_ehr_features`` (the CLI links them into the model).
 
@@ -34,7 +36,8 @@ from typing import Any, Protocol, runtime_checkable
 
 from lightning.pytorch.utilities import rank_zero_info
 
-BATCH_KEYS = ("image", "ehr", "ehr_missing", "label", "patient_id", "scan_id", "cohort")
+BATCH_KEYS = ("image", "ehr", "ehr_missing", "label")
+PREDICT_KEYS = ("patient_id", "scan_id")  # what a prediction row is keyed by
 
 
 @runtime_checkable
@@ -89,19 +92,21 @@ def has_capability(datamodule: Any, capability: type, without: str) -> bool:
     return False
 
 
-def check_batch(batch: Any, where: str) -> None:
-    """Refuse a batch that is not the documented dict, naming the missing keys. An empty
-    batch (every sample skipped as bad input) passes."""
+def check_batch(batch: Any, where: str, predict: bool = False) -> None:
+    """Refuse a batch that is not the documented dict, naming the missing keys (with
+    ``predict``, the prediction keys too). An empty batch (every sample skipped as bad
+    input) passes."""
     if isinstance(batch, dict) and not batch:
         return
+    required = [*BATCH_KEYS, *PREDICT_KEYS] if predict else list(BATCH_KEYS)
     if not isinstance(batch, dict):
         raise TypeError(
-            f"{where}: a batch must be a dict with the keys {list(BATCH_KEYS)} "
+            f"{where}: a batch must be a dict with the keys {required} "
             f"(jepa_lightning/data_contract.py); the data module yielded a {type(batch).__name__}"
         )
-    missing = [k for k in BATCH_KEYS if k not in batch]
+    missing = [k for k in required if k not in batch]
     if missing:
         raise KeyError(
             f"{where}: the batch has no {missing} (it has {sorted(batch)}); a data module's "
-            f"batches carry {list(BATCH_KEYS)} (jepa_lightning/data_contract.py)"
+            f"batches carry {required} (jepa_lightning/data_contract.py)"
         )

@@ -241,7 +241,7 @@ class DiagnosisTask(BaseTask):
             return
         logits, mask, label = self._labelled(batch)
         prob = torch.sigmoid(logits)
-        names = ["all"] * len(batch["cohort"]) if self._one_cohort else batch["cohort"]
+        names = ["all"] * len(label) if self._one_cohort else batch["cohort"]
         for cohort in set(names):
             if cohort not in self.test_metrics:
                 raise KeyError(
